@@ -1,0 +1,30 @@
+# Two entry points (see README): `make train` runs the bundle's training on the embedded default,
+# `make test` runs the test suite. Both create .venv and install what they need on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv train test download clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch torchvision
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+train: $(STAMP)
+	$(PY) -m monai.bundle run training --config_file configs/train.yaml $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+# Official SAM checkpoints listed in large_files.yml (the only command that downloads anything).
+download: $(STAMP)
+	$(PY) -m monai.bundle download_large_files --bundle_path . --large_file_name large_files.yml
+
+clean:
+	rm -rf $(VENV) eval models/checkpoint_*.pt

@@ -1,0 +1,46 @@
+"""Click guidance: point prompts <-> the two click channels of the single-tensor network contract.
+
+The network's input is ``cat([image, fg_clicks, bg_clicks], dim=1)``. A click is a local maximum above 0.5 in
+its channel, so both one-hot click maps (a 1 at each clicked pixel) and Gaussian-smoothed maps (as MONAI Label's
+DeepEdit-style guidance) are read the same way. Points are (x, y) pixel coordinates, SAM's convention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PAD_LABEL = -1  # SAM's "not a point" label
+
+
+def points_to_guidance(points: torch.Tensor, labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, P, 2) (x, y) points with labels 1 fg / 0 bg / -1 pad -> (B, 2, H, W) one-hot click channels."""
+    b = points.shape[0]
+    h, w = size
+    out = torch.zeros((b, 2, h, w), dtype=torch.float32, device=points.device)
+    xy = points.round().long()
+    inside = (xy[..., 0] >= 0) & (xy[..., 0] < w) & (xy[..., 1] >= 0) & (xy[..., 1] < h)
+    for channel, label in ((0, 1), (1, 0)):
+        sel = (labels == label) & inside
+        bi, pi = torch.nonzero(sel, as_tuple=True)
+        out[bi, channel, xy[bi, pi, 1], xy[bi, pi, 0]] = 1.0
+    return out
+
+
+def guidance_to_points(guidance: torch.Tensor, max_points: int = 16, threshold: float = 0.5):
+    """(B, 2, H, W) click channels -> points (B, 2*max_points, 2) and labels (B, 2*max_points).
+
+    At most ``max_points`` clicks are read per channel (the strongest); unused slots get label -1, which SAM's
+    prompt encoder embeds as "not a point". TorchScript-compatible.
+    """
+    b, _, h, w = guidance.shape
+    k = min(max_points, h * w)
+    peaks = guidance == F.max_pool2d(guidance, kernel_size=3, stride=1, padding=1)
+    score = torch.where(peaks & (guidance > threshold), guidance, torch.zeros_like(guidance))
+    values, index = score.flatten(2).topk(k, dim=2)  # (B, 2, k)
+    xs = (index % w).to(guidance.dtype)
+    ys = torch.div(index, w, rounding_mode="floor").to(guidance.dtype)
+    points = torch.stack([xs, ys], dim=-1).reshape(b, 2 * k, 2)
+    kind = torch.tensor([1, 0], device=guidance.device).view(1, 2, 1).expand(b, 2, k)
+    labels = torch.where(values > 0, kind, torch.full_like(kind, PAD_LABEL)).reshape(b, 2 * k)
+    return points, labels

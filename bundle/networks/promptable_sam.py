@@ -1,0 +1,160 @@
+"""SAM as a promptable MONAI network with LoRA adapters on the image encoder.
+
+Two ways in:
+
+* ``net(x) -> logits``: the single-tensor contract used by inference, MONAI Label, MONAI Deploy and TorchScript.
+  ``x`` is (B, C + 2, H, W): C image channels in [0, 1] then foreground and background click channels
+  (see :mod:`bundle.guidance`). The output is (B, 1, H, W) mask logits from the output slot with the highest
+  predicted IoU.
+* ``encode`` / ``decode``: the trainer's API. Each image is encoded once; all its prompt sets are decoded in one
+  batched call with ``multimask_output=True`` (M = 3 masks per prompt set).
+
+The reference policy is the same network with its adapters disabled (:meth:`reference`): LoRA on the image
+encoder is switched off, and the trainable prompt encoder / mask decoder fall back to their initial weights
+(peft ``modules_to_save`` keeps the trained copy beside the original). No second copy of the encoder exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bundle.guidance import guidance_to_points
+from bundle.networks.lora import add_lora
+from bundle.networks.sam_builder import build_sam, load_sam_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+class PromptableSAM(nn.Module):
+    """Segment Anything with point prompts, LoRA on the image encoder, and a single-tensor forward.
+
+    Args:
+        model_size: ``vit_b``, ``vit_l``, ``vit_h`` or ``tiny`` (tests).
+        image_size: square input size of the image encoder (224 in the papers).
+        in_channels: image channels before the two click channels (3: RGB, or grey CT repeated).
+        checkpoint: official SAM checkpoint to start from; ``None`` or a missing file with
+            ``require_checkpoint=False`` means random initialisation, announced in the log.
+        require_checkpoint: raise if ``checkpoint`` does not exist instead of starting from random weights.
+        lora_rank: LoRA rank on the image encoder (0: no adapters, e.g. a merged export).
+        lora_alpha: LoRA scaling numerator (default: ``lora_rank``).
+        lora_targets: names of the encoder's linear layers that get adapters.
+        trainable: SAM parts trained in full beside the adapters (``prompt_encoder``, ``mask_decoder``).
+        max_points: clicks read per guidance channel in the single-tensor forward.
+    """
+
+    def __init__(
+        self,
+        model_size: str = "vit_b",
+        image_size: int = 224,
+        in_channels: int = 3,
+        checkpoint: str | None = None,
+        require_checkpoint: bool = False,
+        lora_rank: int = 64,
+        lora_alpha: float | None = None,
+        lora_targets: Sequence[str] = ("qkv", "proj", "lin1", "lin2"),
+        trainable: Sequence[str] = ("prompt_encoder", "mask_decoder"),
+        max_points: int = 16,
+    ) -> None:
+        super().__init__()
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 (grey, repeated to RGB) or 3, got {in_channels}")
+        self.model_size = model_size
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.max_points = max_points
+        sam = build_sam(model_size, image_size)
+        self.initialisation = "random"
+        if checkpoint and os.path.isfile(checkpoint):
+            load_sam_checkpoint(sam, checkpoint)
+            self.initialisation = os.path.basename(checkpoint)
+        elif checkpoint and require_checkpoint:
+            raise FileNotFoundError(f"SAM checkpoint not found: {checkpoint} (see README: download the checkpoint)")
+        else:
+            logger.warning(
+                "No SAM checkpoint found%s: %s starts from RANDOM INITIALISATION. "
+                "Put the official checkpoint in models/ (README: 'Official checkpoints') to fine-tune SAM.",
+                f" at {checkpoint}" if checkpoint else "",
+                model_size,
+            )
+        self.lora_rank = lora_rank
+        if lora_rank > 0:
+            self.sam = add_lora(sam, lora_rank, lora_alpha, lora_targets, trainable)
+        else:
+            for name, param in sam.named_parameters():
+                param.requires_grad = name.split(".")[0] in trainable
+            self.sam = sam
+        self.register_buffer("pixel_mean", torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1), False)
+
+    # -- parts -------------------------------------------------------------------------------------------------
+    @property
+    def _sam(self):
+        """The (possibly peft-injected) ``Sam`` module."""
+        return self.sam.get_base_model() if self.lora_rank > 0 else self.sam
+
+    @contextlib.contextmanager
+    def reference(self):
+        """Context in which the network is the reference policy pi_ref (adapters disabled, no gradients)."""
+        if self.lora_rank == 0:
+            raise RuntimeError("the reference policy needs LoRA adapters (lora_rank > 0)")
+        with torch.no_grad(), self.sam.disable_adapter():
+            yield self
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images in [0, 1] -> (B, D, h, w) image embeddings (resized to ``image_size`` first)."""
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        x = (images * 255.0 - self.pixel_mean) / self.pixel_std
+        return self._sam.image_encoder(x)
+
+    def decode(self, embedding: torch.Tensor, points: torch.Tensor, labels: torch.Tensor):
+        """Decode N prompt sets of one image.
+
+        Args:
+            embedding: (1, D, h, w) embedding of one image.
+            points: (N, P, 2) (x, y) points in ``image_size`` pixel coordinates.
+            labels: (N, P) 1 foreground, 0 background, -1 padding.
+
+        Returns:
+            low-resolution mask logits (N, 3, 4h, 4w) and predicted IoUs (N, 3).
+        """
+        sam = self._sam
+        sparse, dense = sam.prompt_encoder(points=(points, labels), boxes=None, masks=None)
+        return sam.mask_decoder(
+            image_embeddings=embedding,
+            image_pe=sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=True,
+        )
+
+    # -- single-tensor contract ----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C + 2, H, W) image + click channels -> (B, 1, H, W) logits of the best predicted-IoU mask."""
+        expected = self.in_channels + 2
+        if x.ndim != 4 or x.shape[1] != expected:
+            raise ValueError(
+                f"expected input (B, {expected}, H, W): {self.in_channels} image channels + 2 click channels, "
+                f"got {tuple(x.shape)}"
+            )
+        h, w = x.shape[-2:]
+        points, labels = guidance_to_points(x[:, self.in_channels :], self.max_points)
+        scale = torch.tensor([self.image_size / w, self.image_size / h], dtype=points.dtype, device=points.device)
+        points = points * scale
+        embeddings = self.encode(x[:, : self.in_channels])
+        out = []
+        for i in range(x.shape[0]):
+            logits, iou = self.decode(embeddings[i : i + 1], points[i : i + 1], labels[i : i + 1])
+            best = iou.argmax(dim=1)
+            out.append(logits[torch.arange(logits.shape[0]), best].unsqueeze(1))
+        low = torch.cat(out, dim=0)
+        return F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
