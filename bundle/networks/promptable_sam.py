@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -116,17 +116,29 @@ class PromptableSAM(nn.Module):
         x = (images * 255.0 - self.pixel_mean) / self.pixel_std
         return self._sam.image_encoder(x)
 
-    def decode(self, embedding: torch.Tensor, points: torch.Tensor, labels: torch.Tensor):
+    def decode(
+        self,
+        embedding: torch.Tensor,
+        points: torch.Tensor,
+        labels: torch.Tensor,
+        input_size: Optional[Tuple[int, int]] = None,
+    ):
         """Decode N prompt sets of one image.
 
         Args:
             embedding: (1, D, h, w) embedding of one image.
-            points: (N, P, 2) (x, y) points in ``image_size`` pixel coordinates.
+            points: (N, P, 2) (x, y) pixel coordinates in an image of ``input_size`` (H, W), by default
+                ``image_size`` square.
             labels: (N, P) 1 foreground, 0 background, -1 padding.
+            input_size: size of the image the points refer to; they are scaled to ``image_size``.
 
         Returns:
             low-resolution mask logits (N, 3, 4h, 4w) and predicted IoUs (N, 3).
         """
+        if input_size is not None:
+            h, w = input_size
+            scale = torch.tensor([self.image_size / w, self.image_size / h], dtype=points.dtype, device=points.device)
+            points = points * scale
         sam = self._sam
         sparse, dense = sam.prompt_encoder(points=(points, labels), boxes=None, masks=None)
         return sam.mask_decoder(
@@ -148,12 +160,10 @@ class PromptableSAM(nn.Module):
             )
         h, w = x.shape[-2:]
         points, labels = guidance_to_points(x[:, self.in_channels :], self.max_points)
-        scale = torch.tensor([self.image_size / w, self.image_size / h], dtype=points.dtype, device=points.device)
-        points = points * scale
         embeddings = self.encode(x[:, : self.in_channels])
         out = []
         for i in range(x.shape[0]):
-            logits, iou = self.decode(embeddings[i : i + 1], points[i : i + 1], labels[i : i + 1])
+            logits, iou = self.decode(embeddings[i : i + 1], points[i : i + 1], labels[i : i + 1], (h, w))
             best = iou.argmax(dim=1)
             out.append(logits[torch.arange(logits.shape[0]), best].unsqueeze(1))
         low = torch.cat(out, dim=0)

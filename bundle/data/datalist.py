@@ -1,0 +1,69 @@
+"""Read prepared datalists (docs/DATA_CONTRACT.md) into MONAI dataset items."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+SPLITS = ("training", "validation", "test")
+FRACTIONS = (10, 20, 30, 100)
+
+
+def read_datalist(path: str | os.PathLike) -> dict:
+    """Load a datalist JSON and check its layout; raise naming the file and the key that is wrong."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"datalist not found: {path} (run a scripts/prepare_*.py, or the default training)")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    for key in ("task_family", "classes"):
+        if key not in data:
+            raise ValueError(f"{path}: missing key '{key}' (see docs/DATA_CONTRACT.md)")
+    if data["task_family"] not in ("nuclei", "organ"):
+        raise ValueError(f"{path}: task_family must be 'nuclei' or 'organ', got {data['task_family']!r}")
+    return data
+
+
+def load_datalist(path: str | os.PathLike, split: str, fraction: int = 100, task: str | None = None) -> list[dict]:
+    """Items of ``split`` with absolute paths.
+
+    Args:
+        path: datalist JSON.
+        split: ``training``, ``validation`` or ``test``.
+        fraction: percentage of the training data (10, 20, 30 or 100); only for ``training``.
+        task: for evaluation splits of class-wise tasks (``t2``, ``organ``) each image is listed once per class
+            present, with ``target_class`` set, so that evaluation covers every class present.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if fraction not in FRACTIONS:
+        raise ValueError(f"fraction must be one of {FRACTIONS}, got {fraction!r}")
+    data = read_datalist(path)
+    if split not in data:
+        raise ValueError(f"{path}: no '{split}' split")
+    base = os.path.dirname(os.path.abspath(path))
+    items = []
+    for i, entry in enumerate(data[split]):
+        for key in ("image", "label"):
+            if key not in entry:
+                raise ValueError(f"{path}: {split}[{i}] has no '{key}'")
+        if split == "training" and fraction not in entry.get("subsets", FRACTIONS):
+            continue
+        item = dict(entry)
+        for key in ("image", "label"):
+            item[key] = os.path.normpath(os.path.join(base, entry[key]))
+        item.setdefault("name", os.path.splitext(os.path.basename(entry["image"]))[0])
+        items.append(item)
+    if task in ("t2", "organ") and split != "training":
+        items = [dict(item, target_class=c) for item in items for c in classes_present(item["label"])]
+    return items
+
+
+def classes_present(label_path: str) -> list[int]:
+    """Class ids (channel 1 of the label file) present in a prepared label."""
+    return [int(c) for c in np.unique(np.load(label_path, mmap_mode="r")[1]) if c > 0]

@@ -1,0 +1,135 @@
+"""The SAMPO preference trainer: a MONAI ``Trainer`` with its own iteration, as MONAI's ``GanTrainer``.
+
+One iteration, for a batch of images with N prompt sets each (METHOD.md):
+
+1. the actor encodes every image once (LoRA on); the reference encodes them once (adapters off, no grad);
+2. per image, all N prompt sets go through prompt encoder + mask decoder in one batched call, M = 3 masks each,
+   for the actor and for the reference;
+3. :class:`bundle.preference.SAMPOLoss` mines inter- and intra-prompt pairs and returns the hybrid loss;
+4. one optimiser step on the batch mean.
+
+The output holds ``loss`` and its terms for the handlers, and ``pred`` / ``label`` (the mask of the first prompt
+set's best predicted-IoU slot, and G) for the training Dice / IoU metrics.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.engines import Trainer
+from monai.engines.utils import IterationEvents, default_metric_cmp_fn
+from monai.utils import CommonKeys
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from bundle.networks import PromptableSAM
+from bundle.preference import SAMPOLoss
+
+LOGGED_TERMS = ("loss", "po1", "po2", "sup", "reward_margin", "preference_accuracy", "pairs")
+
+
+class SAMPOTrainer(Trainer):
+    """Preference-optimisation trainer for :class:`bundle.networks.PromptableSAM`.
+
+    Args:
+        device: device to train on.
+        max_epochs: number of epochs.
+        train_data_loader: yields dicts with ``image`` (B, C, H, W), ``label`` G (B, 1, H, W), ``points``
+            (B, N, P, 2) and ``point_labels`` (B, N, P) (see :class:`bundle.transforms.prompts.PromptSetsd`).
+        network: the actor; its adapters off give the reference.
+        optimizer: optimiser over the trainable parameters.
+        loss_function: :class:`bundle.preference.SAMPOLoss`.
+        the rest: as :class:`monai.engines.Trainer`.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: DataLoader,
+        network: PromptableSAM,
+        optimizer: Optimizer,
+        loss_function: SAMPOLoss,
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        postprocessing: Callable | None = None,
+        key_train_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        metric_cmp_fn: Callable = default_metric_cmp_fn,
+        train_handlers: Sequence | None = None,
+        decollate: bool = True,
+        optim_set_to_none: bool = False,
+    ) -> None:
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            key_metric=key_train_metric,
+            additional_metrics=additional_metrics,
+            metric_cmp_fn=metric_cmp_fn,
+            handlers=train_handlers,
+            postprocessing=postprocessing,
+            decollate=decollate,
+        )
+        self.network = network
+        self.optimizer = optimizer
+        self.loss_function = loss_function
+        self.optim_set_to_none = optim_set_to_none
+
+    def _iteration(self, engine: SAMPOTrainer, batchdata: dict[str, Any]) -> dict[str, Any]:
+        if batchdata is None:
+            raise ValueError("must provide batch data for current iteration.")
+        device, nb = engine.state.device, engine.non_blocking
+        images = batchdata[CommonKeys.IMAGE].to(device, non_blocking=nb)
+        targets = batchdata[CommonKeys.LABEL].to(device, non_blocking=nb)
+        points = batchdata["points"].to(device, non_blocking=nb).float()
+        labels = batchdata["point_labels"].to(device, non_blocking=nb)
+        net = engine.network
+        net.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+
+        size = tuple(targets.shape[-2:])
+        embeddings = net.encode(images)
+        with net.reference():
+            ref_embeddings = net.encode(images)
+        terms, preds = [], []
+        for b in range(images.shape[0]):
+            low, iou_pred = net.decode(embeddings[b : b + 1], points[b], labels[b], input_size=size)
+            logits = F.interpolate(low, size=size, mode="bilinear", align_corners=False)
+            with net.reference():
+                ref_low, _ = net.decode(ref_embeddings[b : b + 1], points[b], labels[b], input_size=size)
+                ref_logits = F.interpolate(ref_low, size=size, mode="bilinear", align_corners=False)
+            terms.append(engine.loss_function(logits, ref_logits, targets[b, 0]))
+            preds.append(logits[0, iou_pred[0].argmax()].detach()[None])
+        out = {k: torch.stack([t[k] for t in terms]).mean() for k in terms[0]}
+        out["pairs"] = torch.stack([t["pairs"] for t in terms]).sum()
+        engine.state.output = {CommonKeys.IMAGE: images, CommonKeys.LABEL: targets, CommonKeys.PRED: torch.stack(preds)}
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.state.output.update({k: v.detach() for k, v in out.items()})
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        out["loss"].backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)  # MONAI decollates the output here
+        return engine.state.output
+
+
+def loss_terms(output: Any) -> dict[str, float]:
+    """Handler ``output_transform``: the loss and its terms from a (decollated) trainer output."""
+    first = output[0] if isinstance(output, (list, tuple)) else output
+    return {k: float(first[k]) for k in LOGGED_TERMS if k in first}
+
+
+def latest_checkpoint(ckpt_dir: str, prefix: str = "checkpoint") -> str | None:
+    """The newest ``{prefix}_epoch=N.pt`` written by MONAI's ``CheckpointSaver`` in ``ckpt_dir``, or None."""
+    found = glob.glob(os.path.join(ckpt_dir, f"{prefix}_epoch=*.pt"))
+    if not found:
+        return None
+    return max(found, key=lambda p: int(re.search(r"epoch=(\d+)", p).group(1)))

@@ -1,0 +1,78 @@
+"""Prompt transforms: SAMPO's training prompt sets, the fixed evaluation prompts, and click guidance channels."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import torch
+from monai.transforms import MapTransform, Randomizable, Transform
+
+from bundle.guidance import points_to_guidance
+from bundle.prompts import PromptSampler, evaluation_points
+
+
+class PromptSetsd(Randomizable, Transform):
+    """Synthesise ``n_sets`` prompt sets of varying quality per sample (online preference mining, step 1).
+
+    Reads ``label`` (G), ``target_inst`` and ``lookalike`` from :class:`bundle.transforms.task.TaskTargetd`;
+    writes ``points`` (n_sets, P, 2) and ``point_labels`` (n_sets, P), P = max_pos + max_neg. Seeded through
+    MONAI's ``set_determinism`` / data loader like every random MONAI transform.
+    """
+
+    def __init__(self, n_sets: int = 4, max_pos: int = 3, max_neg: int = 3) -> None:
+        if n_sets < 2:
+            raise ValueError(f"n_sets must be >= 2 to mine preference pairs, got {n_sets}")
+        self.n_sets, self.max_pos, self.max_neg = n_sets, max_pos, max_neg
+
+    def randomize(self, data=None) -> None:
+        self._seed = int(self.R.randint(2**31))
+
+    def __call__(self, data):
+        self.randomize()
+        d = dict(data)
+        sampler = PromptSampler(_np(d["label"])[0] > 0, _np(d["target_inst"])[0], _np(d["lookalike"])[0] > 0)
+        points, labels = sampler.prompt_sets(self.n_sets, np.random.default_rng(self._seed), self.max_pos, self.max_neg)
+        d["points"], d["point_labels"] = torch.from_numpy(points), torch.from_numpy(labels)
+        return d
+
+
+class EvalPromptsd(Transform):
+    """METHOD.md's evaluation prompts: ``n_pos`` points in G and ``n_neg`` outside, seeded per image and class.
+
+    The seed is ``seed`` mixed with a checksum of the item's ``name`` and ``target_class``, so each image gets
+    the same prompts in every run, whatever the data order. Writes ``points`` (P, 2) and ``point_labels`` (P,).
+    """
+
+    def __init__(self, n_pos: int = 3, n_neg: int = 3, seed: int = 0) -> None:
+        self.n_pos, self.n_neg, self.seed = n_pos, n_neg, seed
+
+    def __call__(self, data):
+        d = dict(data)
+        key = f"{d.get('name', '')}#{d.get('target_class', 0)}".encode()
+        rng = np.random.default_rng([self.seed, zlib.crc32(key)])
+        points, labels = evaluation_points(_np(d["label"])[0] > 0, self.n_pos, self.n_neg, rng)
+        d["points"], d["point_labels"] = torch.from_numpy(points), torch.from_numpy(labels)
+        return d
+
+
+class ClickGuidanced(MapTransform):
+    """Append the foreground / background click channels of ``points`` to the image (single-tensor contract)."""
+
+    def __init__(self, keys="image", points_key: str = "points", labels_key: str = "point_labels") -> None:
+        super().__init__(keys)
+        self.points_key, self.labels_key = points_key, labels_key
+
+    def __call__(self, data):
+        d = dict(data)
+        points = torch.as_tensor(d[self.points_key]).reshape(1, -1, 2)
+        labels = torch.as_tensor(d[self.labels_key]).reshape(1, -1)
+        for key in self.key_iterator(d):
+            image = torch.as_tensor(d[key])
+            guidance = points_to_guidance(points, labels, tuple(image.shape[-2:]))[0]
+            d[key] = torch.cat([image, guidance.to(image.dtype)], dim=0)
+        return d
+
+
+def _np(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)

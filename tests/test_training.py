@@ -1,0 +1,128 @@
+"""Training through `python -m monai.bundle run training`: MLflow logging, resume, and bad inputs."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+import yaml
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "--model_size", "tiny", "--lora_rank", "4", "--image_size", "64", "--batch_size", "2",
+    "--synthetic", "{'n_train': 4, 'n_val': 2, 'n_test': 1}",
+]  # fmt: skip
+
+
+def _command(bundle_root, *extra):
+    return [
+        sys.executable, "-m", "monai.bundle", "run", "training",
+        "--config_file", str(REPO / "configs" / "train.yaml"), "--bundle_root", str(bundle_root), *TINY, *extra,
+    ]  # fmt: skip
+
+
+def _run(bundle_root, *extra, timeout=600):
+    return subprocess.run(_command(bundle_root, *extra), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def _client(bundle_root):
+    return mlflow.MlflowClient(f"sqlite:///{bundle_root}/eval/mlflow.db")
+
+
+def _runs(client):
+    exp = client.get_experiment_by_name("sampo")
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def _steps(client, run_id, key):
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def test_training_logs_to_mlflow(tmp_path):
+    proc = _run(tmp_path, "--max_epochs", "2", "--beta", "2.5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "RANDOM INITIALISATION" in out
+    assert f"best checkpoint (validation Dice): {tmp_path}/models/best_model.pt" in out
+    assert "MLflow run: sampo_" in out and f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/eval/mlflow.db" in out
+    assert (tmp_path / "models" / "checkpoint_epoch=2.pt").is_file()
+
+    client = _client(tmp_path)
+    (run,) = _runs(client)
+    assert run.info.run_name == (tmp_path / "eval" / "run_name.txt").read_text().strip()
+    assert run.info.status == "FINISHED"
+    rid = run.info.run_id
+    # per iteration (2 per epoch): the loss, its terms, the reward margin and the preference accuracy
+    for key in ("loss", "po1", "po2", "sup", "reward_margin", "preference_accuracy"):
+        assert _steps(client, rid, key) == [1, 2, 3, 4], key
+    # per epoch: training and validation Dice and IoU
+    for key in ("train_mean_dice", "train_mean_iou", "val_mean_dice", "val_mean_iou"):
+        assert _steps(client, rid, key) == [1, 2], key
+        assert all(0.0 <= m.value <= 1.0 for m in client.get_metric_history(rid, key))
+    # the first step compares the actor with itself: every preference pair costs log 2
+    first_po1 = client.get_metric_history(rid, "po1")[0].value
+    assert first_po1 == pytest.approx(0.693147, abs=1e-4)
+    params = run.data.params
+    assert params["beta"] == "2.5" and params["model_size"] == "tiny" and params["initialisation"] == "random"
+    assert {"lambda", "lambda_dw", "lora_rank", "n_prompt_sets", "learning_rate", "task"} <= set(params)
+    local = client.download_artifacts(rid, "executed_config.yaml", str(tmp_path / "dl"))
+    executed = yaml.safe_load(open(local))
+    assert executed["model_size"] == "tiny" and executed["beta"] == 2.5 and "train" in executed
+
+
+def test_resume_after_kill(tmp_path):
+    """A run killed after its first epoch continues from the saved state, in the same MLflow run."""
+    cmd = _command(tmp_path, "--max_epochs", "3")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt = tmp_path / "models" / "checkpoint_epoch=1.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)  # let the saver finish writing
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists(), "the first epoch never finished"
+    saved = sorted(p.name for p in (tmp_path / "models").glob("checkpoint_epoch=*.pt"))
+    assert saved and "checkpoint_epoch=3.pt" not in saved
+
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    out = again.stdout + again.stderr
+    assert f"Resuming from {tmp_path}/models/{saved[-1]}" in out
+    resumed_epoch = int(saved[-1].split("=")[1].split(".")[0])
+    assert f"Epoch: {resumed_epoch + 1}/3" in out and "Epoch: 1/3" not in out
+    assert (tmp_path / "models" / "checkpoint_epoch=3.pt").is_file()
+    client = _client(tmp_path)
+    (run,) = _runs(client)  # the same run went on
+    assert run.info.status == "FINISHED"
+    assert _steps(client, run.info.run_id, "val_mean_dice")[-1] == 3
+    assert _steps(client, run.info.run_id, "loss")[-1] == 6
+
+
+def test_bad_inputs_stop_clearly_and_keep_what_was_written(tmp_path):
+    assert _run(tmp_path, "--max_epochs", "1").returncode == 0
+    before = sorted(os.listdir(tmp_path / "models"))
+    runs_before = len(_runs(_client(tmp_path)))
+
+    corrupt = tmp_path / "models" / "sam_vit_b_01ec64.pth"
+    corrupt.write_bytes(b"truncated download")
+    proc = _run(tmp_path, "--max_epochs", "2")
+    assert proc.returncode != 0
+    assert f"{corrupt}: not a readable PyTorch checkpoint" in proc.stderr
+    corrupt.unlink()
+
+    missing = tmp_path / "nowhere" / "datalist.json"
+    proc = _run(tmp_path, "--max_epochs", "2", "--datalist", str(missing))
+    assert proc.returncode != 0 and f"datalist not found: {missing}" in proc.stderr
+
+    proc = _run(tmp_path, "--max_epochs", "2", "--task", "t9")
+    assert proc.returncode != 0 and "task must be one of ('t1', 't2', 'organ'), got 't9'" in proc.stderr
+
+    assert sorted(os.listdir(tmp_path / "models")) == before
+    assert len(_runs(_client(tmp_path))) == runs_before
