@@ -22,9 +22,10 @@ train: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
 
-# Official SAM checkpoints listed in large_files.yml (the only command that downloads anything).
+# An official SAM checkpoint listed in large_files.yml (the only command that downloads anything).
+MODEL ?= vit_b
 download: $(STAMP)
-	$(PY) -m monai.bundle download_large_files --bundle_path . --large_file_name large_files.yml
+	$(PY) scripts/download_checkpoint.py --model_size $(MODEL)
 
 clean:
 	rm -rf $(VENV) eval models/checkpoint_*.pt
