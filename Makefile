@@ -7,6 +7,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv train test download clean
 
+# Nothing may reach the network on its own: no MLflow telemetry, no model-hub look-ups.
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+export HF_HUB_OFFLINE := 1
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -8,6 +8,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
+# tests and the servers / trainings they start never reach the network
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["DO_NOT_TRACK"] = "true"
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -1,0 +1,126 @@
+"""Speed and memory of the SAMPO training step and of the single-tensor forward, per SAM size, on this machine.
+
+    python scripts/benchmark.py --sizes tiny vit_b --write docs/benchmarks.md
+
+Each size runs in its own process so that peak memory (max RSS) is its own. A training step is one SAMPO
+iteration (actor + reference encode, N prompt sets decoded per image, loss, backward, AdamW step) on random
+images; the forward is `net(x)` on a (1, 5, 224, 224) input. Numbers are medians over the timed repeats after
+one warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def measure(size: str, batch: int, n_sets: int, repeats: int, image_size: int) -> dict:
+    import torch
+
+    sys.path.insert(0, REPO)
+    from bundle.engines import SAMPOTrainer  # noqa: F401  (imports the same code path as training)
+    from bundle.guidance import points_to_guidance
+    from bundle.networks import PromptableSAM
+    from bundle.preference import SAMPOLoss
+
+    torch.manual_seed(0)
+    net = PromptableSAM(size, image_size, lora_rank=64 if size != "tiny" else 4)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=3e-4)
+    loss_fn = SAMPOLoss()
+    images = torch.rand(batch, 3, image_size, image_size)
+    target = torch.rand(batch, image_size, image_size) > 0.7
+    points = torch.rand(batch, n_sets, 6, 2) * image_size
+    labels = torch.randint(0, 2, (batch, n_sets, 6))
+    labels[..., 0] = 1
+
+    def step():
+        opt.zero_grad()
+        emb = net.encode(images)
+        with net.reference():
+            ref = net.encode(images)
+        total = 0.0
+        for b in range(batch):
+            up = lambda t: torch.nn.functional.interpolate(t, size=(image_size, image_size), mode="bilinear")  # noqa: E731
+            low, _ = net.decode(emb[b : b + 1], points[b], labels[b])
+            with net.reference():
+                ref_low, _ = net.decode(ref[b : b + 1], points[b], labels[b])
+            total = total + loss_fn(up(low), up(ref_low), target[b])["loss"]
+        (total / batch).backward()
+        opt.step()
+
+    x = torch.cat([images[:1], points_to_guidance(points[:1, 0], labels[:1, 0], (image_size, image_size))], 1)
+
+    def forward():
+        with torch.no_grad():
+            net.eval()(x)
+        net.train()
+
+    out = {}
+    for name, fn in (("train_step_s", step), ("forward_s", forward)):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        out[name] = statistics.median(times)
+    out["train_images_per_s"] = batch / out["train_step_s"]
+    out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    out["trainable_params_m"] = sum(p.numel() for p in net.parameters() if p.requires_grad) / 1e6
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "vit_b"])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--n_sets", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--write", help="markdown file to write the table to")
+    parser.add_argument("--_child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._child:
+        print(json.dumps(measure(args._child, args.batch, args.n_sets, args.repeats, args.image_size)))
+        return
+    rows = []
+    for size in args.sizes:
+        cmd = [sys.executable, __file__, "--_child", size, "--batch", str(args.batch), "--n_sets", str(args.n_sets),
+               "--repeats", str(args.repeats), "--image_size", str(args.image_size)]  # fmt: skip
+        result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        rows.append((size, result))
+        print(f"{size}: {json.dumps({k: round(v, 3) for k, v in result.items()})}", flush=True)
+    import torch
+
+    table = [
+        f"Measured with `python scripts/benchmark.py --sizes {' '.join(args.sizes)} --batch {args.batch} "
+        f"--n_sets {args.n_sets} --image_size {args.image_size}` on {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPU cores, torch {torch.__version__} ({time.strftime('%Y-%m-%d')}).",
+        "",
+        f"| SAM size | trainable params (M) | SAMPO step, batch {args.batch} x {args.n_sets} prompt sets (s) "
+        "| training images / s | forward `net(x)`, 1 image (s) | peak RSS (GiB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for size, r in rows:
+        table.append(
+            f"| {size} | {r['trainable_params_m']:.2f} | {r['train_step_s']:.2f} | {r['train_images_per_s']:.2f} "
+            f"| {r['forward_s']:.3f} | {r['peak_rss_gib']:.2f} |"
+        )
+    text = "\n".join(table)
+    print(text)
+    if args.write:
+        with open(args.write, "w") as f:
+            f.write("# Benchmarks\n\n" + text + "\n")
+
+
+if __name__ == "__main__":
+    main()
