@@ -27,8 +27,10 @@ def _command(bundle_root, *extra):
     ]  # fmt: skip
 
 
-def _run(bundle_root, *extra, timeout=600):
-    return subprocess.run(_command(bundle_root, *extra), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def _run(bundle_root, *extra, timeout=600, env=None):
+    return subprocess.run(
+        _command(bundle_root, *extra), cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def _client(bundle_root):
@@ -45,8 +47,14 @@ def _steps(client, run_id, key):
 
 
 def test_training_logs_to_mlflow(tmp_path):
-    proc = _run(tmp_path, "--max_epochs", "2", "--beta", "2.5")
+    netlog = tmp_path / "outside_connections.log"
+    # a guard refuses and records any connection leaving this machine; telemetry is left at the bundle's default
+    ci_markers = ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS")
+    env = {k: v for k, v in os.environ.items() if k not in ci_markers}
+    env.update(PYTHONPATH=str(REPO / "tests" / "netguard"), NETGUARD_LOG=str(netlog))
+    proc = _run(tmp_path, "--max_epochs", "2", "--beta", "2.5", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not netlog.exists(), f"the training tried to reach the network: {netlog.read_text()}"
     out = proc.stdout + proc.stderr
     assert "RANDOM INITIALISATION" in out
     assert f"best checkpoint (validation Dice): {tmp_path}/models/best_model.pt" in out
