@@ -4,8 +4,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# MONAI Label 0.8.5 pins numpy 1.26 and jsonschema 3.2: it gets its own environment, used by its server test.
+LABEL_VENV := .venv-label
+LABEL_STAMP := $(LABEL_VENV)/.installed
 
-.PHONY: venv train test download clean
+.PHONY: venv venv-label train test download clean
 
 # Nothing may reach the network on its own: no MLflow telemetry, no model-hub look-ups.
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -19,12 +22,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+$(LABEL_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(LABEL_VENV)
+	$(LABEL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LABEL_VENV)/bin/python -m pip install -q torch torchvision
+	$(LABEL_VENV)/bin/python -m pip install -q -e . "monailabel==0.8.5" "pydicom<3" "dicomweb-client<0.60" "pynetdicom<3"
+	touch $(LABEL_STAMP)
+
 venv: $(STAMP)
+
+venv-label: $(LABEL_STAMP)
 
 train: $(STAMP)
 	$(PY) -m monai.bundle run training --config_file configs/train.yaml $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(LABEL_STAMP)
 	$(PY) -m pytest $(ARGS)
 
 # An official SAM checkpoint listed in large_files.yml (the only command that downloads anything).
@@ -33,4 +45,4 @@ download: $(STAMP)
 	$(PY) scripts/download_checkpoint.py --model_size $(MODEL)
 
 clean:
-	rm -rf $(VENV) eval models/checkpoint_*.pt
+	rm -rf $(VENV) $(LABEL_VENV) eval models/checkpoint_*.pt

@@ -67,6 +67,15 @@ def mine_pairs(iou: torch.Tensor) -> tuple[Pairs, Pairs]:
     return inter, intra
 
 
+def _flag(name: str, value) -> bool:
+    """A switch from a config or the command line: a bool, or the strings true / false (any case)."""
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
 class SAMPOLoss(nn.Module):
     """The hybrid SAMPO objective for one image.
 
@@ -89,6 +98,7 @@ class SAMPOLoss(nn.Module):
         reduction: str = "mean",
     ) -> None:
         super().__init__()
+        po1, po2, sup = _flag("po1", po1), _flag("po2", po2), _flag("sup", sup)
         if not (po1 or po2 or sup):
             raise ValueError("at least one of po1, po2, sup must be on")
         if reduction not in ("mean", "sum"):

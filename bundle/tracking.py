@@ -6,6 +6,7 @@ import copy
 import inspect
 import os
 import time
+from pathlib import Path
 
 from monai.bundle import ConfigParser
 
@@ -14,6 +15,19 @@ def sqlite_uri(path: str) -> str:
     """``sqlite:///`` URI of a database file (MLflow 3 has no file-store backend)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return "sqlite:///" + os.path.abspath(path)
+
+
+def experiment_id(client, name: str) -> str:
+    """Id of MLflow experiment ``name``, created if needed; with a sqlite store its artifacts go to ``mlruns/``
+    beside the database (as MONAI's ``MLFlowHandler`` does), never to the current directory."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    uri = client.tracking_uri
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = Path(os.path.dirname(uri[len("sqlite:///") :]), "mlruns").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
 
 
 def run_name(output_dir: str, resuming: bool, prefix: str = "sampo") -> str:

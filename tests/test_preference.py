@@ -114,6 +114,10 @@ def test_switches_and_weights_compose_the_total():
     assert sup_only["loss"].item() == pytest.approx(full["sup"].item(), rel=1e-6)
     with pytest.raises(ValueError, match="at least one"):
         SAMPOLoss(po1=False, po2=False, sup=False)
+    # switches given on the command line arrive as strings: "false" must not count as true
+    assert SAMPOLoss(po1="false", po2="False").po1 is False
+    with pytest.raises(ValueError, match="po2 must be true or false, got 'no'"):
+        SAMPOLoss(po2="no")
 
 
 def test_gradient_flows_through_actor_only():

@@ -1,0 +1,341 @@
+"""Evaluation of a trained PromptableSAM (METHOD.md, "Evaluation protocol"), as MONAI ``SupervisedEvaluator`` parts.
+
+``configs/evaluate.yaml`` runs a ``SupervisedEvaluator`` over the test split: each item (an image, and for T2 /
+organ one item per class present) gets 3 positive + 3 negative points seeded per image and class
+(:class:`bundle.transforms.prompts.EvalPromptsd`), drawn as click channels; the network's single-tensor forward
+returns the logits of the slot with the highest predicted IoU; ``logit > 0`` is the predicted mask.
+
+:class:`EvaluationReport` is the handler that collects one row per item (Dice, IoU, class, tissue, number of nuclei,
+density stratum), and at the end writes ``results.csv`` and ``summary.json`` (means overall, per class, per tissue,
+per density stratum), optionally the prompt-sensitivity grid (:mod:`bundle.sensitivity`), and logs all of it to one
+MLflow run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.transforms import MapTransform
+from torch import nn
+
+from bundle.metrics import STRATA, count_instances, density_stratum, dice_iou
+
+logger = logging.getLogger(__name__)
+
+ROW_FIELDS = ("name", "target_class", "class_name", "tissue", "n_nuclei", "stratum", "dice", "iou", "pred_fraction",
+              "target_fraction")
+
+
+# -- the network under evaluation ----------------------------------------------------------------------------------
+def load_checkpoint(network: nn.Module, checkpoint: str | None) -> nn.Module:
+    """Load ``checkpoint`` into ``network`` (strictly) and return it; ``None`` / ``""`` keeps the initial weights.
+
+    Accepts the raw state dict that ``CheckpointSaver`` writes for ``best_model.pt`` and the training state
+    ``checkpoint_epoch=N.pt`` (a dict with a ``network`` entry).
+    """
+    if not checkpoint:
+        logger.warning("no checkpoint given: evaluating the initial network (zero-shot, %s)",
+                       getattr(network, "initialisation", "?"))
+        print(f"Evaluating the INITIAL network (no checkpoint; initialisation: {getattr(network, 'initialisation', '?')})")
+        return network
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint to evaluate not found: {checkpoint}")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)  # tensors only: no code runs
+    if isinstance(state, dict) and isinstance(state.get("network"), dict):
+        state = state["network"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{checkpoint}: not a state dict nor a training state with a 'network' entry")
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"{checkpoint} does not fit the configured network (model_size / lora_rank / "
+                           f"image_size must be those of its training): {e}") from e
+    print(f"Evaluating {checkpoint}")
+    return network
+
+
+class ReferencePolicy(nn.Module):
+    """The network with its adapters disabled (pi_ref): zero-shot SAM from the initialisation the run started at."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.net = network
+        self.in_channels = network.in_channels
+        self.max_points = network.max_points
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.net.reference():
+            return self.net(x)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        with self.net.reference():
+            return self.net.encode(images)
+
+    def decode(self, *args, **kwargs):
+        with self.net.reference():
+            return self.net.decode(*args, **kwargs)
+
+
+def policy(network: nn.Module, which: str = "actor") -> nn.Module:
+    """``actor``: the network as trained; ``reference``: the same network with adapters off (zero-shot SAM)."""
+    if which == "actor":
+        return network
+    if which == "reference":
+        return ReferencePolicy(network)
+    raise ValueError(f"eval_policy must be 'actor' or 'reference', got {which!r}")
+
+
+# -- data ----------------------------------------------------------------------------------------------------------
+class CountNucleid(MapTransform):
+    """Write ``n_nuclei``: the number of instances in channel 0 of the raw [instance, class] label.
+
+    Placed before resizing, so that small nuclei lost by nearest-neighbour resizing still count.
+    """
+
+    def __init__(self, keys="label", output_key: str = "n_nuclei") -> None:
+        super().__init__(keys)
+        self.output_key = output_key
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[self.output_key] = count_instances(np.asarray(d[key])[0])
+        return d
+
+
+def subset(items: Sequence[dict], max_images: int | None = None) -> list[dict]:
+    """The items of the first ``max_images`` distinct images (with all their classes); all items when None."""
+    if max_images is None:
+        return list(items)
+    names = []
+    for item in items:
+        if item["name"] not in names:
+            names.append(item["name"])
+    keep = set(names[: int(max_images)])
+    return [item for item in items if item["name"] in keep]
+
+
+# -- results -------------------------------------------------------------------------------------------------------
+def _mean(rows: list[dict], key: str) -> float:
+    return float(np.mean([r[key] for r in rows])) if rows else float("nan")
+
+
+def _group(rows: list[dict], field: str, order: Sequence[str] | None = None) -> dict:
+    groups = defaultdict(list)
+    for r in rows:
+        if r.get(field) not in (None, ""):
+            groups[str(r[field])].append(r)
+    names = [n for n in order if n in groups] if order else sorted(groups)
+    return {n: {"dice": _mean(groups[n], "dice"), "iou": _mean(groups[n], "iou"), "n": len(groups[n])} for n in names}
+
+
+def summarise(rows: list[dict], task: str) -> dict:
+    """Means of Dice and IoU: overall, per class (t2 / organ), per tissue (when known), per density stratum (nuclei).
+
+    Each group lists exactly the values present in ``rows`` with the number of items ``n``.
+    """
+    summary = {
+        "task": task,
+        "n_items": len(rows),
+        "n_images": len({r["name"] for r in rows}),
+        "overall": {"dice": _mean(rows, "dice"), "iou": _mean(rows, "iou"), "n": len(rows)},
+    }
+    if rows and "pred_fraction" in rows[0]:
+        summary["overall"]["pred_fraction"] = _mean(rows, "pred_fraction")
+        summary["overall"]["target_fraction"] = _mean(rows, "target_fraction")
+        # reference: predicting the whole image as target gives Dice 2t / (1 + t) and IoU t for a target share t
+        t = np.array([r["target_fraction"] for r in rows], float)
+        summary["all_foreground"] = {"dice": float(np.mean(2 * t / (1 + t))), "iou": float(np.mean(t))}
+    if task != "t1":
+        summary["per_class"] = _group(rows, "class_name")
+    if any(r.get("tissue") not in (None, "") for r in rows):
+        summary["per_tissue"] = _group(rows, "tissue")
+    if task != "organ":
+        summary["per_stratum"] = _group(rows, "stratum", STRATA)
+    return summary
+
+
+def write_rows(rows: list[dict], path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=ROW_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: (f"{r[k]:.6f}" if isinstance(r.get(k), float) else r.get(k, "")) for k in ROW_FIELDS})
+    return path
+
+
+def summary_metrics(summary: dict, prefix: str = "test") -> dict[str, float]:
+    """Flat MLflow metrics of a summary: ``test_dice``, ``test_iou``, ``test_dice/class/<name>``, ..."""
+    out = {f"{prefix}_dice": summary["overall"]["dice"], f"{prefix}_iou": summary["overall"]["iou"]}
+    for key in ("pred_fraction", "target_fraction"):
+        if key in summary["overall"]:
+            out[f"{prefix}_{key}"] = summary["overall"][key]
+    for section, tag in (("per_class", "class"), ("per_tissue", "tissue"), ("per_stratum", "stratum")):
+        for name, values in summary.get(section, {}).items():
+            safe = "".join(c if c.isalnum() or c in "_-." else "_" for c in name)
+            out[f"{prefix}_dice/{tag}/{safe}"] = values["dice"]
+            out[f"{prefix}_iou/{tag}/{safe}"] = values["iou"]
+    return {k: v for k, v in out.items() if np.isfinite(v)}
+
+
+def run_name(task: str, checkpoint: str | None, which: str = "actor") -> str:
+    """``eval_<task>_<checkpoint stem or 'initial'>[_reference]_YYYYmmdd_HHMMSS``."""
+    stem = os.path.splitext(os.path.basename(checkpoint))[0] if checkpoint else "initial"
+    suffix = "_reference" if which == "reference" else ""
+    return f"eval_{task}_{stem}{suffix}_{time.strftime('%Y%m%d_%H%M%S')}"
+
+
+def _scalar(x: Any):
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        return x.item() if x.numel() == 1 else x.tolist()
+    if isinstance(x, (list, tuple)) and len(x) == 1:
+        return _scalar(x[0])
+    return x
+
+
+class EvaluationReport:
+    """Evaluator handler: one row per item, then CSV + summary JSON (+ sensitivity grid) and one MLflow run.
+
+    Args:
+        output_dir: folder of ``results.csv``, ``summary.json`` and the sensitivity files.
+        task: ``t1``, ``t2`` or ``organ`` (decides which groupings are reported).
+        classes: ``{"1": "other", ...}`` from the datalist, to name the classes.
+        in_channels: image channels before the click channels in the evaluator's input.
+        sensitivity: optional :class:`bundle.sensitivity.PromptSensitivity`, fed every item.
+        tracking_uri, experiment_name, run_name: where the MLflow run goes; no tracking when ``tracking_uri`` is
+            empty.
+        params: parameters logged with the run (checkpoint, task, prompts, ...).
+        artifacts: further files logged with the run when they exist (e.g. the executed config).
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        task: str,
+        classes: dict | None = None,
+        in_channels: int = 3,
+        sensitivity=None,
+        tracking_uri: str | None = None,
+        experiment_name: str = "sampo",
+        run_name: str | None = None,
+        params: dict | None = None,
+        artifacts: Sequence[str] = (),
+    ) -> None:
+        self.artifacts = list(artifacts)
+        self.output_dir, self.task, self.in_channels = output_dir, task, in_channels
+        self.classes = {int(k): v for k, v in (classes or {}).items()}
+        self.sensitivity = sensitivity
+        self.tracking_uri, self.experiment_name = tracking_uri, experiment_name
+        self.run_name = run_name or f"eval_{task}_{time.strftime('%Y%m%d_%H%M%S')}"
+        self.params = params or {}
+        self.rows: list[dict] = []
+        self.summary: dict | None = None
+        self.run_id: str | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def started(self, engine: Engine) -> None:
+        self.rows = []
+        if self.sensitivity is not None:
+            self.sensitivity.reset()
+
+    def collect(self, engine: Engine) -> None:
+        batch, output = engine.state.batch, engine.state.output
+        if isinstance(batch, dict):  # not decollated
+            raise ValueError("EvaluationReport needs a decollating evaluator (decollate=True)")
+        for item, out in zip(batch, output):
+            target_class = int(_scalar(item.get("target_class", 0)) or 0)
+            n_nuclei = _scalar(item.get("n_nuclei"))
+            d, i = dice_iou(out["pred"], out["label"])
+            row = {
+                "name": str(_scalar(item.get("name", len(self.rows)))),
+                "target_class": target_class,
+                "class_name": self.classes.get(target_class, str(target_class)) if target_class else "",
+                "tissue": str(_scalar(item.get("tissue", "")) or ""),
+                "n_nuclei": "" if n_nuclei is None else int(n_nuclei),
+                "stratum": "" if n_nuclei is None or self.task == "organ" else density_stratum(int(n_nuclei)),
+                "dice": d,
+                "iou": i,
+                # share of the image predicted / annotated as target: shows degenerate all-in / all-out predictions
+                "pred_fraction": float(torch.as_tensor(out["pred"]).float().mean()),
+                "target_fraction": float(torch.as_tensor(out["label"]).float().mean()),
+            }
+            self.rows.append(row)
+            if self.sensitivity is not None:
+                image = torch.as_tensor(item["image"])[: self.in_channels]
+                key = f"{row['name']}#{target_class}"
+                self.sensitivity.add(engine.network, image, torch.as_tensor(out["label"]), key, engine.state.device)
+
+    def completed(self, engine: Engine) -> None:
+        os.makedirs(self.output_dir, exist_ok=True)
+        self.summary = summarise(self.rows, self.task)
+        self.summary["params"] = {k: v for k, v in self.params.items()}
+        files = [write_rows(self.rows, os.path.join(self.output_dir, "results.csv"))]
+        metrics = summary_metrics(self.summary)
+        if self.sensitivity is not None and self.sensitivity.n_images:
+            sens_files, sens_summary = self.sensitivity.write(self.output_dir, self.summary)
+            self.summary["sensitivity"] = sens_summary
+            files += sens_files
+            metrics.update({f"sensitivity_{k}": v for k, v in sens_summary.items() if isinstance(v, float)})
+        summary_path = os.path.join(self.output_dir, "summary.json")
+        with open(summary_path, "w") as f:
+            json.dump(self.summary, f, indent=1, default=str)
+        files.insert(1, summary_path)
+        files += [a for a in self.artifacts if os.path.isfile(a)]
+        if self.tracking_uri:
+            self.run_id = self._log(metrics, files)
+            self.summary["mlflow_run_id"] = self.run_id
+            with open(summary_path, "w") as f:
+                json.dump(self.summary, f, indent=1, default=str)
+        _print_summary(self.summary, self.output_dir, self.run_name if self.tracking_uri else None, self.tracking_uri)
+
+    def _log(self, metrics: dict, files: list[str]) -> str:
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric, Param
+
+        from bundle.tracking import experiment_id
+
+        client = MlflowClient(self.tracking_uri)
+        run = client.create_run(experiment_id(client, self.experiment_name), run_name=self.run_name, tags={"kind": "evaluation", "task": self.task})
+        rid = run.info.run_id
+        now = int(time.time() * 1000)
+        params = [Param(k, str(v)[:6000]) for k, v in self.params.items()]
+        params += [Param("n_items", str(self.summary["n_items"])), Param("n_images", str(self.summary["n_images"]))]
+        client.log_batch(rid, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()], params=params)
+        for path in files:
+            client.log_artifact(rid, path)
+        client.set_terminated(rid, "FINISHED")
+        return rid
+
+
+def _print_summary(summary: dict, output_dir: str, run: str | None, uri: str | None) -> None:
+    o = summary["overall"]
+    lines = ["", f"Evaluation ({summary['task']}, {summary['n_items']} items / {summary['n_images']} images): "
+                 f"Dice {o['dice']:.4f}  IoU {o['iou']:.4f}"
+                 + (f"  (predicted share {o['pred_fraction']:.3f}, target share {o['target_fraction']:.3f})"
+                    if "pred_fraction" in o else "")]
+    for section in ("per_class", "per_tissue", "per_stratum"):
+        for name, v in summary.get(section, {}).items():
+            lines.append(f"  {section[4:]:>7} {name:<14} Dice {v['dice']:.4f}  IoU {v['iou']:.4f}  (n={v['n']})")
+    if "sensitivity" in summary:
+        s = summary["sensitivity"]
+        lines.append(f"  prompt sensitivity: Dice {s['min_dice']:.4f} .. {s['max_dice']:.4f} over the grid "
+                     f"({s['n_images']} items)")
+    lines.append(f"  results: {os.path.abspath(output_dir)}")
+    if run:
+        lines.append(f"  MLflow run: {run} in {uri}")
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,471 @@
+"""Export a trained network as the bundle's deployable models: ``models/model.pt`` and ``models/model.ts``.
+
+* :func:`merge_lora` folds the LoRA adapters into the image-encoder weights (peft ``merge_and_unload`` on a copy)
+  and keeps the trained prompt encoder / mask decoder; the result is a ``PromptableSAM(..., lora_rank=0)``.
+  Its state dict is ``models/model.pt``, which ``configs/inference.yaml``'s ``network_def`` loads strictly.
+* :func:`export_torchscript` traces :class:`~bundle.traceable.TraceablePromptableSAM` (``segment_anything`` is
+  not scriptable), wraps the trace in a scripted input check and saves it with MONAI's ``save_net_with_metadata``,
+  carrying ``metadata.json`` and ``inference.json`` (the inference config as JSON) as extra files: the archive
+  that ``monai.bundle`` tools, MONAI Label and MONAI Deploy's ``MonaiBundleInferenceOperator`` load.
+  The trace works for any batch size and any number of clicks (up to ``max_points`` per channel); the spatial
+  size is fixed at ``image_size`` x ``image_size``, which the bundle's preprocessing produces. The export checks
+  the TorchScript output against the eager network on several batch sizes and click counts.
+* :func:`export_bundle` does both from a training network or checkpoint; :class:`ExportBundle` is the Ignite
+  handler that runs it at the end of training and logs the files to the training's MLflow run.
+
+Command line: ``python scripts/export.py --help``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from bundle.guidance import points_to_guidance
+from bundle.networks import SAM_SIZES, CheckpointError, PromptableSAM
+from bundle.traceable import TraceablePromptableSAM
+
+logger = logging.getLogger(__name__)
+
+ARTIFACT_PATH = "bundle"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# checkpoints
+# ------------------------------------------------------------------------------------------------------------------
+def _describe_layout(state: Mapping[str, torch.Tensor]) -> str:
+    """A short guess at the network a state dict was made for (size, LoRA rank), for error messages."""
+    patch = next((v for k, v in state.items() if k.endswith("image_encoder.patch_embed.proj.weight")), None)
+    if patch is None:
+        return "not a PromptableSAM state dict (no image_encoder.patch_embed.proj.weight)"
+    dim = patch.shape[0]
+    depth = len({k.split("blocks.")[1].split(".")[0] for k in state if ".image_encoder.blocks." in k})
+    sizes = [n for n, c in SAM_SIZES.items() if c["embed_dim"] == dim and c["depth"] == depth]
+    rank = next((v.shape[0] for k, v in state.items() if ".lora_A." in k), 0)
+    pos = next((v for k, v in state.items() if k.endswith("image_encoder.pos_embed")), None)
+    size = f", image_size {pos.shape[1] * 16}" if pos is not None and pos.ndim == 4 else ""
+    return (
+        f"model_size {sizes[0] if sizes else '?'} (embed_dim {dim}, depth {depth}){size}, "
+        f"lora_rank {rank}" + (" (merged)" if not rank else "")
+    )
+
+
+def check_state_dict(state: Mapping[str, torch.Tensor], net: nn.Module, source: str) -> None:
+    """Raise :class:`CheckpointError` naming ``source`` and what does not match if ``state`` cannot load strictly."""
+    target = net.state_dict()
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs network {tuple(v.shape)}"
+        for k, v in target.items()
+        if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        want = (
+            f"model_size {getattr(net, 'model_size', '?')}, image_size {getattr(net, 'image_size', '?')}, "
+            f"lora_rank {getattr(net, 'lora_rank', '?')}"
+        )
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} keys missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[:3]})")
+        raise CheckpointError(
+            f"{source}: does not fit PromptableSAM({want}); the checkpoint looks like {_describe_layout(state)}. "
+            "Pass the model_size / image_size / lora_rank it was trained with. Details: " + "; ".join(parts)
+        )
+
+
+def read_state_dict(path: str | os.PathLike, key: str = "network") -> dict[str, torch.Tensor]:
+    """The network state dict in a training checkpoint (``{key: state, ...}``, MONAI ``CheckpointSaver``) or a bare
+    state dict (``models/model.pt``); raise naming the file otherwise."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    if isinstance(ckpt, Mapping) and key in ckpt and isinstance(ckpt[key], Mapping):
+        ckpt = ckpt[key]
+    if not isinstance(ckpt, Mapping) or not ckpt or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        keys = list(ckpt)[:5] if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        raise CheckpointError(f"{path}: expected a state dict or a training checkpoint with key '{key}', got {keys}")
+    return dict(ckpt)
+
+
+def build_network(
+    model_size: str = "vit_b",
+    image_size: int = 224,
+    lora_rank: int = 64,
+    in_channels: int = 3,
+    lora_alpha: float | None = None,
+    lora_targets: Sequence[str] = ("qkv", "proj", "lin1", "lin2"),
+    trainable: Sequence[str] = ("prompt_encoder", "mask_decoder"),
+    max_points: int = 16,
+) -> PromptableSAM:
+    """An empty PromptableSAM (weights come from a checkpoint next; the random-init warning is silenced)."""
+    net_logger = logging.getLogger("bundle.networks.promptable_sam")
+    level = net_logger.level
+    net_logger.setLevel(logging.ERROR)
+    try:
+        return PromptableSAM(
+            model_size, image_size, in_channels, checkpoint=None, lora_rank=lora_rank, lora_alpha=lora_alpha,
+            lora_targets=lora_targets, trainable=trainable, max_points=max_points,
+        )
+    finally:
+        net_logger.setLevel(level)
+
+
+def load_weights(net: nn.Module, path: str | os.PathLike, key: str = "network") -> nn.Module:
+    """Load the checkpoint at ``path`` into ``net`` strictly; :class:`CheckpointError` names the file and what does
+    not match (configs/inference.yaml loads models/model.pt with it)."""
+    state = read_state_dict(path, key)
+    check_state_dict(state, net, os.fspath(path))
+    net.load_state_dict(state, strict=True)
+    return net.eval()
+
+
+def load_network(path: str | os.PathLike, key: str = "network", **network_args) -> PromptableSAM:
+    """Build ``PromptableSAM(**network_args)`` and load the checkpoint at ``path`` strictly (clear error if not)."""
+    return load_weights(build_network(**network_args), path, key)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# merge and trace
+# ------------------------------------------------------------------------------------------------------------------
+def merge_lora(net: PromptableSAM) -> PromptableSAM:
+    """A ``lora_rank=0`` PromptableSAM computing what ``net`` computes, LoRA folded into the weights (``net`` is
+    left untouched)."""
+    if net.lora_rank == 0:
+        return copy.deepcopy(net).eval()
+    device = next(net.parameters()).device
+    sam = copy.deepcopy(net.sam).cpu().merge_and_unload()  # trained modules_to_save copies replace the originals
+    merged = build_network(net.model_size, net.image_size, 0, net.in_channels, max_points=net.max_points)
+    state = {f"sam.{k}": v for k, v in sam.state_dict().items()}
+    check_state_dict(state, merged, "merged LoRA network")
+    merged.load_state_dict(state, strict=True)
+    return merged.to(device).eval()
+
+
+def example_inputs(net: PromptableSAM, batch: int = 1, clicks: tuple[int, int] = (1, 1), seed: int = 0) -> torch.Tensor:
+    """A (batch, C + 2, S, S) input with ``clicks`` = (foreground, background) random clicks per image."""
+    g = torch.Generator().manual_seed(seed)
+    s = net.image_size
+    image = torch.rand((batch, net.in_channels, s, s), generator=g)
+    n_fg, n_bg = clicks
+    points = torch.randint(0, s, (batch, n_fg + n_bg, 2), generator=g).float()
+    labels = torch.tensor([1] * n_fg + [0] * n_bg).expand(batch, -1)
+    return torch.cat([image, points_to_guidance(points, labels, (s, s))], dim=1)
+
+
+class _InputCheck(nn.Module):
+    """Scripted guard around the trace: a wrong input shape is an error, not a silently wrong mask."""
+
+    def __init__(self, traced: nn.Module, channels: int, size: int) -> None:
+        super().__init__()
+        self.net = traced
+        self.channels = channels
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.channels or x.shape[2] != self.size or x.shape[3] != self.size:
+            raise ValueError(
+                "expected input (B, " + str(self.channels) + ", " + str(self.size) + ", " + str(self.size)
+                + "): image channels in [0, 1] + foreground and background click channels, resized to the "
+                "network's image_size; got " + str(x.shape)
+            )
+        return self.net(x)
+
+
+# the cases verify_torchscript runs: (batch, (foreground clicks, background clicks))
+VERIFY_CASES = ((1, (1, 0)), (1, (3, 3)), (2, (2, 1)), (3, (16, 16)))
+
+
+def trace_network(net: PromptableSAM) -> torch.jit.ScriptModule:
+    """TorchScript of a merged network: a trace of its traceable twin inside a scripted input check."""
+    from monai.networks.utils import convert_to_torchscript
+
+    twin = TraceablePromptableSAM.from_network(net).cpu()
+    with torch.no_grad(), warnings.catch_warnings():
+        # TracerWarnings flag the Python ints / constants the trace fixes: the spatial size, checked by _InputCheck
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = convert_to_torchscript(
+            twin, use_trace=True, inputs=[example_inputs(net, batch=2, clicks=(2, 2))], verify=False,
+            check_trace=False,
+        )
+        return torch.jit.script(_InputCheck(traced, net.in_channels + 2, net.image_size))
+
+
+def verify_torchscript(ts: nn.Module, net: nn.Module, rtol: float = 1e-4, atol: float = 1e-4) -> float:
+    """Compare TorchScript and eager outputs on :data:`VERIFY_CASES`; raise if they differ, return the max diff."""
+    worst = 0.0
+    net = net.eval()
+    with torch.no_grad():
+        for i, (batch, clicks) in enumerate(VERIFY_CASES):
+            x = example_inputs(net, batch, clicks, seed=100 + i).to(next(net.parameters()).device)
+            eager, script = net(x), ts(x)
+            if script.shape != eager.shape or not torch.allclose(script, eager, rtol=rtol, atol=atol):
+                diff = (script - eager).abs().max().item() if script.shape == eager.shape else float("nan")
+                raise RuntimeError(
+                    f"TorchScript output differs from the eager network (batch {batch}, clicks {clicks}): "
+                    f"shapes {tuple(script.shape)} vs {tuple(eager.shape)}, max |diff| {diff:.3g}"
+                )
+            worst = max(worst, (script - eager).abs().max().item())
+    return worst
+
+
+def export_torchscript(
+    net: PromptableSAM,
+    filepath: str | os.PathLike,
+    metadata: Mapping | None = None,
+    inference_config: Mapping | None = None,
+    verify: bool = True,
+) -> str:
+    """Write the TorchScript bundle model (``extra/metadata.json``, ``extra/inference.json``) and return its path."""
+    from monai.data import save_net_with_metadata
+
+    if net.lora_rank:
+        net = merge_lora(net)
+    net = net.cpu().eval()
+    ts = trace_network(net)
+    if verify:
+        diff = verify_torchscript(ts, net)
+        logger.info("TorchScript matches the eager network (max |diff| %.3g)", diff)
+    filepath = os.fspath(filepath)
+    os.makedirs(os.path.dirname(os.path.abspath(filepath)), exist_ok=True)
+    extra = {"inference.json": json.dumps(dict(inference_config)).encode()} if inference_config is not None else None
+    save_net_with_metadata(
+        ts, filepath, include_config_vals=False, append_timestamp=False, meta_values=dict(metadata or {}),
+        more_extra_files=extra,
+    )
+    if verify:  # what is on disk, as a client loads it
+        loaded = torch.jit.load(filepath, map_location="cpu")
+        verify_torchscript(loaded, net)
+    return filepath
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the bundle's models and configs
+# ------------------------------------------------------------------------------------------------------------------
+PACKAGE_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def configs_dir(bundle_root: str | os.PathLike) -> str:
+    """``bundle_root/configs`` if it has the deployment configs, else the configs beside this package (a training
+    run with ``--bundle_root`` elsewhere keeps its configs in the repository)."""
+    own = os.path.join(os.fspath(bundle_root), "configs")
+    if all(os.path.isfile(os.path.join(own, f)) for f in ("metadata.json", "inference.yaml")):
+        return own
+    if all(os.path.isfile(os.path.join(PACKAGE_CONFIGS, f)) for f in ("metadata.json", "inference.yaml")):
+        return PACKAGE_CONFIGS
+    raise FileNotFoundError(f"no configs/metadata.json + configs/inference.yaml in {own} or {PACKAGE_CONFIGS}")
+
+
+def bundle_configs(bundle_root: str, model_size: str, image_size: int, in_channels: int = 3) -> tuple[dict, dict]:
+    """``configs/metadata.json`` and ``configs/inference.yaml`` of ``bundle_root`` (:func:`configs_dir`) with the
+    exported network's size."""
+    from monai.bundle import ConfigParser
+
+    folder = configs_dir(bundle_root)
+    meta = ConfigParser.load_config_file(os.path.join(folder, "metadata.json"))
+    infer = ConfigParser.load_config_file(os.path.join(folder, "inference.yaml"))
+    infer.update({"model_size": model_size, "image_size": image_size})
+    fmt = meta.get("network_data_format", {})
+    for part in ("inputs", "outputs"):
+        for item in fmt.get(part, {}).values():
+            if isinstance(item, dict) and isinstance(item.get("spatial_shape"), list) and "*" not in item["spatial_shape"]:
+                item["spatial_shape"] = [image_size, image_size]
+    if "image" in fmt.get("inputs", {}):
+        fmt["inputs"]["image"]["num_channels"] = in_channels + 2
+    return meta, infer
+
+
+def export_bundle(
+    net: PromptableSAM,
+    output_dir: str | os.PathLike,
+    bundle_root: str | os.PathLike = ".",
+    verify: bool = True,
+) -> dict[str, str]:
+    """Merge ``net``'s adapters and write ``model.pt`` and ``model.ts`` to ``output_dir``; return their paths.
+
+    The metadata and inference config put into ``model.ts`` are ``bundle_root``'s, with ``model_size`` and
+    ``image_size`` set to ``net``'s (see :func:`bundle_configs`).
+    """
+    bundle_root, output_dir = os.fspath(bundle_root), os.fspath(output_dir)
+    merged = merge_lora(net).cpu()
+    if verify and net.lora_rank:
+        x = example_inputs(merged, batch=1, clicks=(2, 1))
+        with torch.no_grad():
+            ref, out = net.eval()(x.to(next(net.parameters()).device)).cpu(), merged(x)
+        if not torch.allclose(ref, out, rtol=1e-3, atol=1e-3):
+            raise RuntimeError(f"merged network differs from the LoRA network (max |diff| {(ref - out).abs().max():.3g})")
+    os.makedirs(output_dir, exist_ok=True)
+    pt = os.path.join(output_dir, "model.pt")
+    torch.save(merged.state_dict(), pt)
+    meta, infer = bundle_configs(bundle_root, merged.model_size, merged.image_size, merged.in_channels)
+    ts = export_torchscript(merged, os.path.join(output_dir, "model.ts"), meta, infer, verify=verify)
+    out = {"model.pt": pt, "model.ts": ts}
+    logger.info("exported %s", ", ".join(out.values()))
+    return out
+
+
+def write_configs(dest: str | os.PathLike, bundle_root: str | os.PathLike, model_size: str, image_size: int) -> None:
+    """Copy ``bundle_root/configs`` to ``dest/configs``, with metadata and inference config set to the model's size."""
+    from monai.bundle import ConfigParser
+
+    src, dst = configs_dir(bundle_root), os.path.join(os.fspath(dest), "configs")
+    if os.path.abspath(src) != os.path.abspath(dst):
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+    meta, infer = bundle_configs(os.fspath(bundle_root), model_size, image_size)
+    ConfigParser.export_config_file(meta, os.path.join(dst, "metadata.json"), fmt="json", indent=4)
+    ConfigParser.export_config_file(infer, os.path.join(dst, "inference.yaml"), fmt="yaml", sort_keys=False)
+
+
+def write_bundle(
+    net: PromptableSAM, dest: str | os.PathLike, bundle_root: str | os.PathLike = ".", verify: bool = True
+) -> dict[str, str]:
+    """A self-contained bundle folder at ``dest`` (e.g. a MONAI Label model folder): ``configs/`` of
+    ``bundle_root`` set to ``net``'s size and ``models/model.pt`` + ``models/model.ts`` exported from ``net``."""
+    dest = os.fspath(dest)
+    out = export_bundle(net, os.path.join(dest, "models"), bundle_root, verify=verify)
+    write_configs(dest, bundle_root, net.model_size, net.image_size)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Ignite handler: export at the end of training, log to MLflow
+# ------------------------------------------------------------------------------------------------------------------
+class ExportBundle:
+    """At the end of training, export ``model.pt`` / ``model.ts`` and log them with the bundle's configs to MLflow.
+
+    The MLflow artifacts (under ``artifact_path``) form a bundle folder::
+
+        bundle/models/model.pt, bundle/models/model.ts, bundle/configs/metadata.json, bundle/configs/inference.yaml
+
+    Args:
+        output_dir: where ``model.pt`` and ``model.ts`` are written (e.g. the bundle's ``models/``).
+        bundle_root: bundle whose ``configs/metadata.json`` and ``configs/inference.yaml`` go with the model.
+        network: the training network (default: the engine's ``network``).
+        checkpoint: export this checkpoint (e.g. ``best_model.pt`` by validation Dice) instead of the final weights
+            when it exists at the end of training.
+        tracking_uri: MLflow tracking URI; ``None`` or empty skips the logging.
+        mlflow_handler: the trainer's ``MLFlowHandler``; its run gets the artifacts (even after it closed the run).
+        experiment_name, run_name: find the run by name when no ``mlflow_handler`` is given.
+        artifact_path: folder of the artifacts in the run.
+        verify: check merged, eager and TorchScript outputs against each other.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        bundle_root: str = ".",
+        network: PromptableSAM | None = None,
+        checkpoint: str | None = None,
+        tracking_uri: str | None = None,
+        mlflow_handler=None,
+        experiment_name: str | None = None,
+        run_name: str | None = None,
+        artifact_path: str = ARTIFACT_PATH,
+        verify: bool = True,
+    ) -> None:
+        self.output_dir, self.bundle_root, self.network, self.checkpoint = output_dir, bundle_root, network, checkpoint
+        self.tracking_uri, self.mlflow_handler = tracking_uri, mlflow_handler
+        self.experiment_name, self.run_name, self.artifact_path, self.verify = experiment_name, run_name, artifact_path, verify
+        self.run_id: str | None = None
+        self.exported: dict[str, str] = {}
+        self.exported_size: tuple[str, int] = ("vit_b", 224)
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def _started(self, engine) -> None:
+        self._start_time = time.time()
+        run = getattr(self.mlflow_handler, "cur_run", None)
+        if run is not None:
+            self.run_id = run.info.run_id
+
+    def _network(self, engine) -> PromptableSAM:
+        net = self.network if self.network is not None else getattr(engine, "network", None)
+        if net is None:
+            raise ValueError("ExportBundle: no network given and the engine has none")
+        # the checkpoint only if this training wrote it (a stale one from an earlier run is not exported)
+        fresh = self.checkpoint and os.path.isfile(self.checkpoint)
+        fresh = fresh and os.path.getmtime(self.checkpoint) >= getattr(self, "_start_time", 0.0) - 1.0
+        if fresh:
+            state = read_state_dict(self.checkpoint)
+            twin = copy.deepcopy(net).cpu()
+            check_state_dict(state, twin, self.checkpoint)
+            twin.load_state_dict(state, strict=True)
+            logger.info("ExportBundle: exporting %s", self.checkpoint)
+            return twin
+        return net
+
+    def __call__(self, engine) -> None:
+        net = self._network(engine)
+        was_training = net.training
+        try:
+            self.exported = export_bundle(net, self.output_dir, self.bundle_root, verify=self.verify)
+            self.exported_size = (net.model_size, net.image_size)
+        finally:
+            net.train(was_training)
+        print(f"Exported the bundle models: {self.exported['model.pt']}, {self.exported['model.ts']}", flush=True)
+        if self.tracking_uri:
+            self.log_artifacts()
+
+    def _find_run_id(self, client) -> str | None:
+        if self.run_id is None and self.mlflow_handler is not None:
+            run = getattr(self.mlflow_handler, "cur_run", None)
+            self.run_id = run.info.run_id if run is not None else None
+        if self.run_id is None and self.experiment_name and self.run_name:
+            exp = client.get_experiment_by_name(self.experiment_name)
+            if exp is not None:
+                runs = client.search_runs(
+                    [exp.experiment_id], filter_string=f"tags.mlflow.runName = '{self.run_name}'",
+                    order_by=["attributes.start_time DESC"], max_results=1,
+                )
+                self.run_id = runs[0].info.run_id if runs else None
+        return self.run_id
+
+    def log_artifacts(self) -> str:
+        """Log the exported files to the MLflow run as a bundle folder; return the run id."""
+        from mlflow.tracking import MlflowClient
+        from monai.bundle import ConfigParser
+
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        run_id = self._find_run_id(client)
+        if run_id is None:
+            raise RuntimeError(
+                f"ExportBundle: no MLflow run to log to at {self.tracking_uri} (give mlflow_handler, or "
+                f"experiment_name and run_name)"
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            root = os.path.join(tmp, "bundle")
+            os.makedirs(os.path.join(root, "models"))
+            os.makedirs(os.path.join(root, "configs"))
+            for name in ("model.pt", "model.ts"):
+                shutil.copy2(self.exported[name], os.path.join(root, "models", name))
+            meta, infer = bundle_configs(self.bundle_root, *self.exported_size)
+            ConfigParser.export_config_file(meta, os.path.join(root, "configs", "metadata.json"), fmt="json", indent=4)
+            ConfigParser.export_config_file(
+                infer, os.path.join(root, "configs", "inference.yaml"), fmt="yaml", sort_keys=False
+            )
+            client.log_artifacts(run_id, root, artifact_path=self.artifact_path)
+        print(f"Logged the bundle to MLflow run {run_id} under '{self.artifact_path}/'", flush=True)
+        return run_id

@@ -1,0 +1,56 @@
+"""MONAI Label glue: its datastore labels (binary / label-index masks) as the trainer's label maps.
+
+MONAI Label saves a label per image as a mask (0 background, label index inside). The training config reads the
+data contract's (2, H, W) [instance map, class map] labels (docs/DATA_CONTRACT.md). :class:`MaskToLabelMapsd`
+turns a mask into that: instances are the connected components of the mask, the class is the mask's value
+(255, as PNG viewers write it, counts as class 1). :func:`datastore_label_loader` rewrites a training config's
+``load`` list to read datastore masks that way (used by ``scripts/monailabel_app``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+from scipy import ndimage
+
+
+class MaskToLabelMapsd(MapTransform):
+    """(1, H, W) or (H, W) mask -> (2, H, W) int32 [instance map (connected components), class map]."""
+
+    def __init__(self, keys: KeysCollection = "label", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            mask = np.asarray(d[key].detach().cpu() if isinstance(d[key], torch.Tensor) else d[key])
+            if mask.ndim == 3 and mask.shape[0] == 1:
+                mask = mask[0]
+            if mask.ndim != 2:
+                raise ValueError(f"{key}: expected a 2D mask, got shape {mask.shape}")
+            classes = np.where(mask == 255, 1, mask).astype(np.int32)
+            instances = np.zeros_like(classes)
+            offset = 0
+            for c in np.unique(classes[classes > 0]):
+                comp, n = ndimage.label(classes == c)
+                instances[comp > 0] = comp[comp > 0] + offset
+                offset += n
+            d[key] = torch.from_numpy(np.stack([instances, classes]))
+        return d
+
+
+def datastore_label_loader(load: list) -> list:
+    """A copy of a training config's ``load`` transforms list reading ``label`` as a PNG mask, not a ``.npy``."""
+    out = []
+    for t in copy.deepcopy(load):
+        if isinstance(t, dict) and t.get("_target_") == "LoadImaged" and t.get("keys") in ("label", ["label"]):
+            out.append({"_target_": "LoadImaged", "keys": "label", "reader": "PILReader", "reverse_indexing": False,
+                        "image_only": True, "ensure_channel_first": True})
+            out.append({"_target_": "bundle.labeling.MaskToLabelMapsd", "keys": "label"})
+        else:
+            out.append(t)
+    return out

@@ -1,0 +1,238 @@
+"""Run a set of baseline / ablation experiments (configs/experiments/*.yaml): train each, evaluate it on the test
+split with configs/evaluate.yaml, and write a markdown comparison table in the papers' layout (rows = methods,
+columns = Dice / IoU per task or per training fraction).
+
+    python scripts/run_experiments.py --set main --task consep_t1 consep_t2 \
+        --datalist /tmp/consep_prepared/datalist.json --bundle_root_base /tmp/sampo_runs \
+        --model_size tiny --max_epochs 4 --output /tmp/sampo_runs/main.md
+
+Each run lives in ``<bundle_root_base>/<task>/f<fraction>/<experiment>`` (its models/, eval/mlflow.db and
+eval/evaluation/). A run whose final training state ``models/checkpoint_epoch=<max_epochs>.pt`` exists is not
+trained again, and its evaluation is reused when ``eval/evaluation/summary.json`` exists (``--force`` redoes both).
+``--task t1`` / ``t2`` without a task config trains on the embedded synthetic set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = os.path.join(REPO, "configs", "experiments")
+
+# set name -> (method configs = table rows, column configs or None). Columns default to one per task.
+SETS = {
+    "main": (["zero_shot", "supervised", "sampo"], None),
+    "ablation_terms": (["supervised", "po1_sup", "po2_sup", "po1_po2", "sampo"], None),
+    "lambda_dw": (["lambda_dw_0.1", "lambda_dw_0.5", "lambda_dw_1", "lambda_dw_2"], None),
+    "lora_rank": (["lora_rank_4", "lora_rank_8", "lora_rank_32", "lora_rank_64"], None),
+    "beta": (["beta_0.1", "beta_1", "beta_10", "beta_100"], None),
+    "fractions": (["zero_shot", "supervised", "sampo"], ["fraction_10", "fraction_20", "fraction_30", "fraction_100"]),
+}
+
+
+def experiment_meta(name: str) -> dict:
+    path = os.path.join(EXPERIMENTS, f"{name}.yaml")
+    if not os.path.isfile(path):
+        raise SystemExit(f"no experiment config {path}")
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    meta = cfg.get("experiment", {})
+    return {"name": name, "path": path, "label": meta.get("label", name), "train": meta.get("train", True), "cfg": cfg}
+
+
+def task_configs(task: str) -> tuple[list[str], list[str], str]:
+    """Config files, extra overrides and a column title for ``--task`` (a configs/tasks/ name, or t1/t2/organ)."""
+    path = os.path.join(REPO, "configs", "tasks", f"{task}.yaml")
+    if os.path.isfile(path):
+        name = task.replace("_", "-").upper().replace("CONSEP", "CoNSeP").replace("PANNUKE", "PanNuke")
+        return [path], [], name
+    if task in ("t1", "t2", "organ"):
+        return [], ["--task", task], f"synthetic-{task.upper()}"
+    raise SystemExit(f"--task {task}: neither configs/tasks/{task}.yaml nor one of t1, t2, organ")
+
+
+def _config_arg(files: list[str]) -> str:
+    return "[" + ",".join(repr(f) for f in files) + "]"
+
+
+def _overrides(args) -> list[str]:
+    out = []
+    for key in ("datalist", "model_size", "max_epochs", "image_size", "learning_rate", "batch_size", "val_interval"):
+        value = getattr(args, key)
+        if value is not None:
+            out += [f"--{key}", str(value)]
+    for item in args.override or []:
+        key, _, value = item.partition("=")
+        out += [f"--{key}", value]
+    return out
+
+
+def run(cmd: list[str], log: str, env: dict, dry_run: bool) -> None:
+    line = " ".join(shlex.quote(c) for c in cmd)
+    print(f"$ {line}", flush=True)
+    if dry_run:
+        return
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    start = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
+    print(f"  -> rc {proc.returncode} in {time.time() - start:.0f} s (log: {log})", flush=True)
+    if proc.returncode != 0:
+        with open(log) as f:
+            tail = f.read()[-3000:]
+        raise SystemExit(f"command failed (rc {proc.returncode}): {line}\n{tail}")
+
+
+def max_epochs_of(args) -> int:
+    if args.max_epochs is not None:
+        return args.max_epochs
+    with open(os.path.join(REPO, "configs", "train.yaml")) as f:
+        return int(yaml.safe_load(f)["max_epochs"])
+
+
+def one(args, task: str, method: dict, column: dict | None, env: dict) -> dict:
+    """Train (unless zero-shot or already done) and evaluate one method on one task / column; return the summary."""
+    files, task_over, _ = task_configs(task)
+    base = [os.path.join(REPO, "configs", "train.yaml"), *files]
+    exp_files = [method["path"]] + ([column["path"]] if column else [])
+    fraction = (column or method)["cfg"].get("train_fraction", args.train_fraction)
+    root = os.path.join(args.bundle_root_base, task, f"f{fraction}", method["name"])
+    common = [*task_over, *_overrides(args), "--train_fraction", str(fraction)]
+    mono = [sys.executable, "-m", "monai.bundle", "run"]
+    epochs = max_epochs_of(args)
+    final = os.path.join(root, "models", f"checkpoint_epoch={epochs}.pt")
+    if method["train"] and (args.force or not os.path.isfile(final)):
+        run([*mono, "training", "--config_file", _config_arg(base + exp_files), "--bundle_root", root, *common],
+            os.path.join(root, "train.log"), env, args.dry_run)
+    summary_path = os.path.join(root, "eval", "evaluation", "summary.json")
+    if args.force or not os.path.isfile(summary_path):
+        ev = []  # zero-shot: the experiment config's eval_checkpoint '' (the initial network)
+        if method["train"]:
+            ckpt = final if args.checkpoint == "final" else os.path.join(root, "models", "best_model.pt")
+            ev += ["--eval_checkpoint", ckpt]
+        if args.eval_max_images is not None:
+            ev += ["--eval_max_images", str(args.eval_max_images)]
+        if args.sensitivity_max_images is not None:
+            ev += ["--sensitivity_max_images", str(args.sensitivity_max_images)]
+        if args.no_sensitivity:
+            ev += ["--sensitivity", "False"]
+        cfgs = base + [os.path.join(REPO, "configs", "evaluate.yaml")] + exp_files  # experiment keys win
+        run([*mono, "evaluating", "--config_file", _config_arg(cfgs), "--bundle_root", root, *common, *ev],
+            os.path.join(root, "evaluate.log"), env, args.dry_run)
+    if args.dry_run:
+        return {}
+    with open(summary_path) as f:
+        summary = json.load(f)
+    summary["bundle_root"] = root
+    return summary
+
+
+def table(rows: list[dict], columns: list[str], results: dict, title: str, notes: list[str]) -> str:
+    """Markdown table: one row per method, Dice and IoU per column (task or fraction)."""
+    head = "| Method | " + " | ".join(f"{c} Dice | {c} IoU" for c in columns) + " |"
+    lines = [f"### {title}", "", head, "|---" * (1 + 2 * len(columns)) + "|"]
+    for method in rows:
+        cells = []
+        for c in columns:
+            s = results.get((method["name"], c))
+            o = s["overall"] if s else None
+            cells += [f"{o['dice']:.4f}", f"{o['iou']:.4f}"] if o else ["-", "-"]
+        lines.append(f"| {method['label']} | " + " | ".join(cells) + " |")
+    cells = []
+    for c in columns:  # the trivial reference: the whole image predicted as target
+        ref = next((s.get("all_foreground") for (m, cc), s in results.items() if cc == c and s.get("all_foreground")), None)
+        cells += [f"{ref['dice']:.4f}", f"{ref['iou']:.4f}"] if ref else ["-", "-"]
+    lines.append("| *(reference) whole image predicted as target* | " + " | ".join(cells) + " |")
+    lines += ["", "Mean share of the image predicted as target (annotated share in brackets):", "",
+              "| Method | " + " | ".join(columns) + " |", "|---" * (1 + len(columns)) + "|"]
+    for method in rows:
+        cells = []
+        for c in columns:
+            o = (results.get((method["name"], c)) or {}).get("overall", {})
+            cells.append(f"{o['pred_fraction']:.3f} ({o['target_fraction']:.3f})" if "pred_fraction" in o else "-")
+        lines.append(f"| {method['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + [""] + notes) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--set", choices=sorted(SETS), default="main", help="which experiments (default main)")
+    p.add_argument("--configs", nargs="+", help="experiment config names instead of a set's rows")
+    p.add_argument("--task", nargs="+", default=["t1"], help="configs/tasks/ names (consep_t1 ...) or t1/t2/organ")
+    p.add_argument("--datalist", help="prepared datalist.json (default: the task config's / synthetic)")
+    p.add_argument("--bundle_root_base", required=True, help="folder of the runs (never the repository)")
+    p.add_argument("--model_size", help="vit_b (default of train.yaml) | tiny ...")
+    p.add_argument("--max_epochs", type=int)
+    p.add_argument("--image_size", type=int)
+    p.add_argument("--learning_rate", type=float)
+    p.add_argument("--batch_size", type=int)
+    p.add_argument("--val_interval", type=int)
+    p.add_argument("--train_fraction", type=int, default=100, help="training fraction unless the set varies it")
+    p.add_argument("--override", action="append", metavar="KEY=VALUE", help="more bundle overrides (repeatable)")
+    p.add_argument("--checkpoint", choices=["final", "best"], default="final",
+                   help="evaluate the final training state (equal budget, default) or best_model.pt")
+    p.add_argument("--eval_max_images", type=int, help="evaluate the first N test images only")
+    p.add_argument("--sensitivity_max_images", type=int, help="prompt-sensitivity grid on the first N items only")
+    p.add_argument("--no_sensitivity", action="store_true")
+    p.add_argument("--threads", type=int, help="OMP/torch threads of each run (OMP_NUM_THREADS)")
+    p.add_argument("--force", action="store_true", help="train and evaluate again even when results exist")
+    p.add_argument("--dry_run", action="store_true", help="print the commands only")
+    p.add_argument("--output", help="markdown table (default <bundle_root_base>/<set>.md)")
+    args = p.parse_args(argv)
+    if os.path.abspath(args.bundle_root_base).startswith(REPO + os.sep):
+        raise SystemExit("--bundle_root_base must be outside the repository")
+
+    row_names, col_names = SETS[args.set]
+    methods = [experiment_meta(n) for n in (args.configs or row_names)]
+    with open(os.path.join(REPO, "configs", "train.yaml")) as f:
+        defaults = yaml.safe_load(f)
+    for m in methods:  # say which beta a row ran with when the config leaves it to train.yaml
+        if args.set == "beta" and "beta" not in m["cfg"]:
+            m["label"] += f" (beta={defaults.get('beta')}, train.yaml)"
+    columns = [experiment_meta(n) for n in col_names] if col_names else [None]
+    env = dict(os.environ)
+    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # nothing may reach the network
+    env.setdefault("DO_NOT_TRACK", "true")
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    results, titles = {}, []
+    for task in args.task:
+        tname = task_configs(task)[2]
+        for col in columns:
+            title = tname if col is None else f"{tname} {col['cfg'].get('train_fraction')}%"
+            titles.append(title)
+            for method in methods:
+                results[(method["name"], title)] = one(args, task, method, col, env)
+    if args.dry_run:
+        return 0
+    any_summary = next(iter(results.values()))
+    params = any_summary.get("params", {})
+    notes = [
+        f"Test split: {any_summary.get('n_images')} images per task"
+        + (f" (first {args.eval_max_images})" if args.eval_max_images else "")
+        + f"; model {params.get('model_size')} at {params.get('image_size')} px, initialisation "
+        f"{params.get('initialisation')}; checkpoint: {args.checkpoint}; max_epochs {max_epochs_of(args)}.",
+        "Command: `python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO), *(argv or sys.argv[1:])]) + "`",
+    ]
+    text = table(methods, titles, results, f"Set `{args.set}`", notes)
+    out = args.output or os.path.join(args.bundle_root_base, f"{args.set}.md")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text)
+    with open(os.path.splitext(out)[0] + ".json", "w") as f:
+        json.dump({f"{m}|{c}": s for (m, c), s in results.items()}, f, indent=1, default=str)
+    print(text)
+    print(f"table: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

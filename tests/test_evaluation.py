@@ -1,0 +1,265 @@
+"""Evaluation (configs/evaluate.yaml, bundle/evaluation.py) and the prompt-sensitivity grid (bundle/sensitivity.py).
+
+The end-to-end test builds a tiny SAM, perturbs it (so that a wrongly loaded or ignored checkpoint shows), saves it
+as a CheckpointSaver-style ``models/best_model.pt`` in a fresh bundle_root and runs
+``python -m monai.bundle run evaluating`` against the embedded synthetic set generated there.
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bundle.evaluation import ReferencePolicy, load_checkpoint, subset, summarise
+from bundle.guidance import points_to_guidance
+from bundle.metrics import STRATA, density_stratum, dice_iou
+from bundle.networks import PromptableSAM
+from bundle.sensitivity import grid_prompts, prompt_grid, read_grid_csv, write_heatmap
+from bundle.transforms.prompts import EvalPromptsd
+from conftest import REPO
+
+IMAGE_SIZE = 96
+SYNTHETIC = "{'n_train': 2, 'n_val': 1, 'n_test': 3}"
+
+
+def _tiny(seed=0, rank=4):
+    torch.manual_seed(seed)
+    return PromptableSAM("tiny", image_size=IMAGE_SIZE, lora_rank=rank)
+
+
+def _perturb(net, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.requires_grad:  # what training changes: LoRA, prompt encoder and mask decoder (trained copies)
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return net
+
+
+# -- the grid -------------------------------------------------------------------------------------------------------
+def test_grid_prompts_cover_every_cell_and_cell_3_3_is_the_protocol():
+    target = np.zeros((40, 40), bool)
+    target[10:20, 5:30] = True
+    points, labels = grid_prompts(target, "img#0", seed=0)
+    assert points.shape == (110, 20, 2) and labels.shape == (110, 20)
+    for k, (n_pos, n_neg) in enumerate((p, n) for p in range(1, 11) for n in range(0, 11)):
+        assert (labels[k] == 1).sum() == n_pos and (labels[k] == 0).sum() == n_neg
+        xy = points[k][labels[k] >= 0].astype(int)
+        assert target[xy[:, 1], xy[:, 0]].tolist() == [True] * n_pos + [False] * n_neg
+    # the cell (3+, 3-) draws exactly EvalPromptsd's prompts for that item
+    d = EvalPromptsd(3, 3, seed=0)({"name": "img", "target_class": 0, "label": torch.from_numpy(target[None])})
+    cell = 2 * 11 + 3
+    np.testing.assert_array_equal(points[cell][:6], d["points"].numpy())
+    np.testing.assert_array_equal(labels[cell][:6], d["point_labels"].numpy())
+    # seeded per item: the same key gives the same prompts, another key others
+    np.testing.assert_array_equal(grid_prompts(target, "img#0")[0], points)
+    assert not np.array_equal(grid_prompts(target, "other#0")[0], points)
+
+
+def test_prompt_grid_shape_and_one_encoder_pass():
+    net = _perturb(_tiny())
+    calls = []
+    hook = net._sam.image_encoder.register_forward_hook(lambda *a: calls.append(1))
+    image = torch.rand(3, 64, 64)
+    target = torch.zeros(1, 64, 64)
+    target[0, 20:40, 10:30] = 1
+    grid = prompt_grid(net, image, target, "x#0")
+    hook.remove()
+    assert grid.shape == (10, 11)
+    assert len(calls) == 1  # the image encoder runs once for all 110 prompt sets
+    assert ((grid >= 0) & (grid <= 1)).all()
+    # each cell is the Dice of the best predicted-IoU slot for that cell's prompts: check one cell by hand
+    points, labels = grid_prompts(target[0].numpy() > 0, "x#0", size=2 * net.max_points)
+    with torch.no_grad():
+        low, iou = net.decode(net.encode(image[None]), torch.from_numpy(points[7:8]), torch.from_numpy(labels[7:8]),
+                              input_size=(64, 64))
+        logit = torch.nn.functional.interpolate(low[:, iou[0].argmax()][:, None], size=(64, 64), mode="bilinear")
+    assert grid[0, 7] == pytest.approx(dice_iou(logit[0, 0] > 0, target[0])[0], abs=1e-6)
+    # padded like the single-tensor forward, a cell's prompts give the forward's logits on the same clicks
+    # (with fewer padding slots SAM's decoder gives other logits: it attends to padding tokens too)
+    cell = 2 * 11 + 3
+    p, lab = torch.from_numpy(points[cell : cell + 1]), torch.from_numpy(labels[cell : cell + 1])
+    with torch.no_grad():
+        low, iou = net.decode(net.encode(image[None]), p, lab, input_size=(64, 64))
+        logit = torch.nn.functional.interpolate(low[:, iou[0].argmax()][:, None], size=(64, 64), mode="bilinear")
+        forward = net(torch.cat([image[None], points_to_guidance(p, lab, (64, 64))], dim=1))
+    torch.testing.assert_close(logit, forward, atol=1e-5, rtol=0)
+
+
+def test_heatmap_png_and_csv(tmp_path):
+    grid = np.linspace(0, 1, 110).reshape(10, 11)
+    path = write_heatmap(grid, str(tmp_path / "h.png"))
+    img = np.asarray(Image.open(path).convert("RGB"))
+    assert img.shape[0] > 10 * 40 and img.shape[1] > 11 * 40
+    # the top-left cell is dark (Dice 0), the bottom-right one yellow (Dice 1)
+    assert img[40 + 5, 70 + 5].sum() < 250 and img[40 + 9 * 44 + 40, 70 + 10 * 44 + 40].sum() > 450
+
+
+# -- grouping ---------------------------------------------------------------------------------------------------------
+def test_summary_groups_list_exactly_what_is_present():
+    rows = [
+        {"name": "a", "class_name": "epithelial", "tissue": "colon", "stratum": density_stratum(19), "dice": 1.0, "iou": 1.0},
+        {"name": "a", "class_name": "spindle", "tissue": "colon", "stratum": density_stratum(19), "dice": 0.0, "iou": 0.0},
+        {"name": "b", "class_name": "epithelial", "tissue": "", "stratum": density_stratum(101), "dice": 0.5, "iou": 0.25},
+    ]
+    s = summarise(rows, "t2")
+    assert s["n_items"] == 3 and s["n_images"] == 2
+    assert s["overall"]["dice"] == pytest.approx(0.5)
+    assert list(s["per_class"]) == ["epithelial", "spindle"]
+    assert s["per_class"]["epithelial"] == {"dice": 0.75, "iou": 0.625, "n": 2}
+    assert list(s["per_tissue"]) == ["colon"]
+    assert list(s["per_stratum"]) == ["sparse", "crowded"]
+    assert "per_class" not in summarise(rows, "t1")
+
+
+def test_subset_keeps_all_classes_of_the_first_images():
+    items = [{"name": n, "target_class": c} for n, c in (("a", 1), ("a", 2), ("b", 1), ("c", 3))]
+    assert subset(items, 2) == items[:3]
+    assert subset(items, None) == items
+
+
+# -- networks -------------------------------------------------------------------------------------------------------
+def test_checkpoint_formats_and_mismatch(tmp_path):
+    trained = _perturb(_tiny())
+    raw, state = tmp_path / "best_model.pt", tmp_path / "checkpoint_epoch=1.pt"
+    torch.save(trained.state_dict(), raw)
+    torch.save({"network": trained.state_dict(), "optimizer": {}}, state)
+    x = torch.rand(1, 5, 64, 64)
+    x[:, 3:] = 0
+    x[0, 3, 30, 30] = 1
+    for path in (raw, state):
+        net = load_checkpoint(_tiny(seed=5), str(path))
+        torch.testing.assert_close(net(x), trained(x))
+    with pytest.raises(RuntimeError, match="does not fit the configured network"):
+        load_checkpoint(_tiny(rank=8), str(raw))
+    with pytest.raises(FileNotFoundError, match=f"checkpoint to evaluate not found: {tmp_path}/missing.pt"):
+        load_checkpoint(_tiny(), str(tmp_path / "missing.pt"))
+
+
+def test_reference_policy_is_the_initial_network():
+    initial = _tiny()
+    net = _perturb(_tiny())
+    x = torch.rand(1, 5, 64, 64)
+    x[:, 3:] = 0
+    x[0, 3, 20, 20] = 1
+    with torch.no_grad():
+        torch.testing.assert_close(ReferencePolicy(net)(x), initial(x))
+        assert not torch.allclose(net(x), initial(x))
+
+
+# -- end to end -----------------------------------------------------------------------------------------------------
+def _evaluate(bundle_root, *extra):
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "run", "evaluating",
+        "--config_file", str([str(REPO / "configs" / "train.yaml"), str(REPO / "configs" / "evaluate.yaml")]),
+        "--bundle_root", str(bundle_root), "--model_size", "tiny", "--image_size", str(IMAGE_SIZE),
+        "--lora_rank", "4", "--synthetic", SYNTHETIC, *extra,
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.slow
+def test_evaluate_config_end_to_end(tmp_path):
+    """t2 evaluation of a saved checkpoint: CSV, JSON, sensitivity grid, card and an MLflow run with all of them."""
+    (tmp_path / "models").mkdir()
+    net = _perturb(_tiny())
+    torch.save(net.state_dict(), tmp_path / "models" / "best_model.pt")
+    proc = _evaluate(tmp_path, "--task", "t2", "--sensitivity_max_images", "2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out_dir = tmp_path / "eval" / "evaluation"
+    for name in ("results.csv", "summary.json", "prompt_sensitivity.csv", "prompt_sensitivity.png",
+                 "prompt_robustness_card.md", "executed_config.yaml"):
+        assert (out_dir / name).is_file(), name
+    rows = list(csv.DictReader(open(out_dir / "results.csv")))
+    summary = json.load(open(out_dir / "summary.json"))
+
+    # one row per (test image, class present) -- exactly the classes present, by the label files
+    datalist = json.load(open(tmp_path / "data" / "synthetic" / "datalist.json"))
+    expected, strata = set(), {}
+    for item in datalist["test"]:
+        label = np.load(tmp_path / "data" / "synthetic" / item["label"])
+        for c in np.unique(label[1][label[1] > 0]):
+            expected.add((item["name"], int(c)))
+        strata[item["name"]] = density_stratum(len(np.unique(label[0])) - 1)
+    assert {(r["name"], int(r["target_class"])) for r in rows} == expected
+    names = datalist["classes"]
+    assert set(summary["per_class"]) == {names[str(c)] for _, c in expected}
+    assert sum(v["n"] for v in summary["per_class"].values()) == len(rows) == summary["n_items"]
+    assert all(r["stratum"] == strata[r["name"]] for r in rows)
+    assert set(summary["per_stratum"]) == {strata[n] for n, _ in expected} and set(summary["per_stratum"]) <= set(STRATA)
+    assert list(summary["per_tissue"]) == ["synthetic"]
+    assert summary["overall"]["dice"] == pytest.approx(np.mean([float(r["dice"]) for r in rows]), abs=1e-5)
+    t = np.array([float(r["target_fraction"]) for r in rows])
+    assert ((t > 0) & (t < 1)).all() and all(0 <= float(r["pred_fraction"]) <= 1 for r in rows)
+    assert summary["all_foreground"]["dice"] == pytest.approx(np.mean(2 * t / (1 + t)), abs=1e-5)
+
+    # the per-image Dice is the saved network's single-tensor forward on the evaluation input
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "configs" / "train.yaml"), str(REPO / "configs" / "evaluate.yaml")])
+    parser.update({"bundle_root": str(tmp_path), "model_size": "tiny", "image_size": IMAGE_SIZE, "lora_rank": 4,
+                   "task": "t2", "synthetic": {"n_train": 2, "n_val": 1, "n_test": 3}})
+    item = parser.get_parsed_content("evaluate#dataset")[0]
+    with torch.no_grad():
+        pred = net.eval()(item["image"][None].float()) > 0
+    d, i = dice_iou(pred[0], item["label"])
+    assert (rows[0]["name"], float(rows[0]["dice"]), float(rows[0]["iou"])) == (item["name"], pytest.approx(d, abs=1e-5),
+                                                                               pytest.approx(i, abs=1e-5))
+    assert float(rows[0]["pred_fraction"]) == pytest.approx(pred.float().mean().item(), abs=1e-5)
+
+    grid = read_grid_csv(str(out_dir / "prompt_sensitivity.csv"))
+    assert grid.shape == (10, 11)
+    # the grid's (3+, 3-) cell is the protocol itself: the same prompts and the same prediction on the gridded items
+    assert grid[2, 3] == pytest.approx(np.mean([float(r["dice"]) for r in rows[:2]]), abs=1e-3)
+    assert summary["sensitivity"]["n_images"] == 2
+    assert Image.open(out_dir / "prompt_sensitivity.png").size[0] > 11 * 40
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/eval/mlflow.db")
+    exp = client.get_experiment_by_name("sampo")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.run_id == summary["mlflow_run_id"] and run.info.status == "FINISHED"
+    assert run.info.run_name.startswith("eval_t2_best_model_")
+    assert run.data.metrics["test_dice"] == pytest.approx(summary["overall"]["dice"])
+    assert run.data.metrics["sensitivity_max_dice"] == pytest.approx(grid.max(), abs=1e-4)
+    assert run.data.params["checkpoint"] == str(tmp_path / "models" / "best_model.pt")
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"results.csv", "summary.json", "prompt_sensitivity.csv", "prompt_sensitivity.png",
+            "prompt_robustness_card.md", "executed_config.yaml"} <= artifacts
+
+
+@pytest.mark.slow
+def test_zero_shot_evaluation(tmp_path):
+    """``--eval_checkpoint ''`` evaluates the initial network (t1, no grid)."""
+    proc = _evaluate(tmp_path, "--eval_checkpoint", "", "--sensitivity", "False")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Evaluating the INITIAL network" in proc.stdout
+    summary = json.load(open(tmp_path / "eval" / "evaluation" / "summary.json"))
+    assert summary["n_items"] == 3 and "per_class" not in summary and "sensitivity" not in summary
+    assert not (tmp_path / "eval" / "evaluation" / "prompt_sensitivity.png").exists()
+
+
+
+def test_run_experiments_help_and_dry_run(tmp_path):
+    script = str(REPO / "scripts" / "run_experiments.py")
+    help_ = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=60)
+    assert help_.returncode == 0 and "--set" in help_.stdout and "--bundle_root_base" in help_.stdout
+    dry = subprocess.run([sys.executable, script, "--set", "main", "--task", "t1", "--bundle_root_base", str(tmp_path),
+                          "--model_size", "tiny", "--max_epochs", "1", "--dry_run"], capture_output=True, text=True,
+                         timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    lines = [ln for ln in dry.stdout.splitlines() if ln.startswith("$ ")]
+    # zero-shot: evaluation only; supervised and SAMPO: training then evaluation of the final state
+    assert [("run training" in ln, "run evaluating" in ln) for ln in lines] == [(False, True)] + [(True, False), (False, True)] * 2
+    assert "zero_shot.yaml" in lines[0] and "--eval_checkpoint" not in lines[0]
+    assert "supervised.yaml" in lines[1] and f"{tmp_path}/t1/f100/supervised" in lines[1]
+    assert "checkpoint_epoch=1.pt" in lines[2]
+    assert not os.listdir(tmp_path)
