@@ -81,4 +81,14 @@ class TrainingState:
         if self.resume_from:
             print(f"Resuming from {self.resume_from}", flush=True)
             CheckpointLoader(load_path=self.resume_from, load_dict=state, map_location="cpu").attach(engine)
+            engine.add_event_handler(Events.STARTED, self._report_finished)
         CheckpointSaver(self.ckpt_dir, state, save_interval=self.save_interval, n_saved=1).attach(engine)
+
+    def _report_finished(self, engine: Engine) -> None:
+        if engine.state.epoch >= engine.state.max_epochs:
+            print(
+                f"Nothing to train: {self.resume_from} is at epoch {engine.state.epoch} of max_epochs "
+                f"{engine.state.max_epochs}. Pass --max_epochs N to train longer, or delete "
+                f"{os.path.join(self.ckpt_dir, 'checkpoint_epoch=*.pt')} (or pass --resume_from None) to start afresh.",
+                flush=True,
+            )

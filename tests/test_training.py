@@ -111,6 +111,9 @@ def test_resume_after_kill(tmp_path):
     assert run.info.status == "FINISHED"
     assert _steps(client, run.info.run_id, "val_mean_dice")[-1] == 3
     assert _steps(client, run.info.run_id, "loss")[-1] == 6
+    # once finished, the same command says so instead of training again
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "Nothing to train" in done.stdout and "is at epoch 3 of max_epochs 3" in done.stdout
 
 
 def test_bad_inputs_stop_clearly_and_keep_what_was_written(tmp_path):
