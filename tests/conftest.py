@@ -12,6 +12,8 @@ sys.path.insert(0, str(REPO))
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DO_NOT_TRACK"] = "true"
 os.environ["HF_HUB_OFFLINE"] = "1"
+# ITK sets the C locale when it is imported in the test process: children still write UTF-8 (progress bars)
+os.environ["PYTHONIOENCODING"] = "utf-8"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

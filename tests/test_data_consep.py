@@ -137,10 +137,10 @@ def test_prepare_consep_split_is_seeded(consep_root, tmp_path):
 
 def test_script_help_and_run(consep_root, tmp_path):
     script = str(ROOT / "scripts" / "prepare_consep.py")
-    out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=tmp_path, check=True)
+    out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=tmp_path, check=True)
     assert "--type_scheme" in out.stdout and "--tile_size" in out.stdout
     cmd = [sys.executable, script, "--input", str(consep_root), "--output", str(tmp_path / "o"), "--tile_size", "40"]
-    run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, check=True)
+    run = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=tmp_path, check=True)
     assert "training 10% subset: 1 items" in run.stdout
     items = load_datalist(tmp_path / "o" / "datalist.json", "training")
     assert [i["name"] for i in items] == [i["source"] for i in items]  # one tile per image keeps the image's name

@@ -196,7 +196,7 @@ def test_shared_ct_converts_and_windows(tmp_path):
     ct, seg = SHARED_CT / "example_ct_sm.nii.gz", SHARED_CT / "example_seg.nii.gz"
     script = [sys.executable, str(ROOT / "scripts" / "prepare_synapse.py"), "--pair", str(ct), str(seg),
               "--label_mapping", "totalsegmentator", "--output", str(tmp_path / "ct")]  # fmt: skip
-    run = subprocess.run(script, capture_output=True, text=True, cwd=tmp_path, check=True)
+    run = subprocess.run(script, capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=tmp_path, check=True)
     assert "skipped" in run.stdout
     data = json.loads((tmp_path / "ct" / "datalist.json").read_text())
     raw = np.asarray(nib.load(seg).dataobj)

@@ -21,7 +21,7 @@ def _large_files(tmp_path, content: bytes, md5: str):
 def _download(tmp_path, large_files, size="vit_b"):
     cmd = [sys.executable, str(REPO / "scripts" / "download_checkpoint.py"), "--model_size", size,
            "--bundle_root", str(tmp_path / "bundle"), "--large_files", str(large_files)]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
 
 
 def test_download_checks_md5(tmp_path):

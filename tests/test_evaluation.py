@@ -37,7 +37,7 @@ def _tiny(seed=0, rank=4):
 def _perturb(net, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in net.named_parameters():
+        for p in net.parameters():
             if p.requires_grad:  # what training changes: LoRA, prompt encoder and mask decoder (trained copies)
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
     return net
@@ -163,7 +163,7 @@ def _evaluate(bundle_root, *extra):
         "--lora_rank", "4", "--synthetic", SYNTHETIC, *extra,
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300, env=env)
 
 
 @pytest.mark.slow
@@ -250,10 +250,10 @@ def test_zero_shot_evaluation(tmp_path):
 
 def test_run_experiments_help_and_dry_run(tmp_path):
     script = str(REPO / "scripts" / "run_experiments.py")
-    help_ = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=60)
+    help_ = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=60)
     assert help_.returncode == 0 and "--set" in help_.stdout and "--bundle_root_base" in help_.stdout
     dry = subprocess.run([sys.executable, script, "--set", "main", "--task", "t1", "--bundle_root_base", str(tmp_path),
-                          "--model_size", "tiny", "--max_epochs", "1", "--dry_run"], capture_output=True, text=True,
+                          "--model_size", "tiny", "--max_epochs", "1", "--dry_run"], capture_output=True, text=True, encoding="utf-8", errors="replace",
                          timeout=60)
     assert dry.returncode == 0, dry.stderr
     lines = [ln for ln in dry.stdout.splitlines() if ln.startswith("$ ")]
