@@ -1,0 +1,39 @@
+"""Command-line scripts not covered elsewhere: sample drawing and the benchmark."""
+
+import subprocess
+import sys
+
+from PIL import Image
+
+from bundle.data.synthetic import make_dataset
+from conftest import REPO
+
+
+def _run(*args):
+    return subprocess.run(
+        [sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, encoding="utf-8",
+        errors="replace", timeout=600,
+    )  # fmt: skip
+
+
+def test_draw_samples_writes_one_row_per_task(tmp_path):
+    make_dataset(str(tmp_path / "syn"), n_train=3, n_val=1, n_test=1, size=96)
+    out = tmp_path / "samples.png"
+    proc = _run(
+        REPO / "scripts" / "draw_samples.py", "--row", "configs/tasks/consep_t1.yaml", tmp_path / "syn",
+        "--row", "configs/tasks/consep_t2.yaml", tmp_path / "syn", "--n", 2, "--output", out,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    image = Image.open(out)
+    assert image.width > 0 and image.height > image.width / 2  # two rows of two samples
+
+
+def test_benchmark_prints_and_writes_a_table(tmp_path):
+    doc = tmp_path / "bench.md"
+    proc = _run(REPO / "scripts" / "benchmark.py", "--sizes", "tiny", "--batch", 1, "--n_sets", 2, "--repeats", 1,
+                "--image_size", 64, "--write", doc)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = next(line for line in doc.read_text().splitlines() if line.startswith("| tiny |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 6 and all(float(c) > 0 for c in cells[1:])
+    assert "python scripts/benchmark.py --sizes tiny" in doc.read_text()
