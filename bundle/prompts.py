@@ -50,9 +50,7 @@ class PromptSampler:
     def __init__(self, target: np.ndarray, target_inst: np.ndarray, lookalike: np.ndarray) -> None:
         self.target = target.astype(bool)
         self.inst = np.where(self.target, target_inst, 0)
-        if not self.target.any():
-            raise ValueError("the target mask is empty: no point can be drawn on it")
-        if not self.inst.any():  # targets without instance ids (e.g. a plain organ mask): one instance
+        if self.target.any() and not self.inst.any():  # targets without instance ids (e.g. a plain organ mask): one instance
             self.inst = self.target.astype(np.int32)
         self.ids = np.unique(self.inst[self.inst > 0])
         self.depth = ndimage.distance_transform_edt(self.inst * ~_edge(self.inst) > 0)
@@ -75,11 +73,16 @@ class PromptSampler:
         return _pick(source, rng) or _pick(~self.target, rng)
 
     def prompt_set(self, rng: np.random.Generator, max_pos: int = 3, max_neg: int = 3):
-        """One prompt set of random size and quality: (max_pos + max_neg, 2) points and labels."""
-        n_pos = int(rng.integers(1, max_pos + 1))
-        n_neg = int(rng.integers(0, max_neg + 1))
+        """One prompt set of random size and quality: (max_pos + max_neg, 2) points and labels.
+
+        With an empty target (it can vanish when a tiny nucleus is resized away) the set has negatives only.
+        """
+        n_pos = int(rng.integers(1, max_pos + 1)) if len(self.ids) else 0
+        n_neg = int(rng.integers(0 if n_pos else 1, max_neg + 1))
         interior_share, hard_share = rng.uniform(), rng.uniform()
-        if rng.uniform() < 0.5:  # few: every positive on one instance
+        if n_pos == 0:
+            instances = []
+        elif rng.uniform() < 0.5:  # few: every positive on one instance
             instances = np.repeat(rng.choice(self.ids), n_pos)
         else:  # many: distinct instances where there are enough
             instances = rng.choice(self.ids, size=n_pos, replace=len(self.ids) < n_pos)

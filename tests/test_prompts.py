@@ -42,10 +42,19 @@ def test_task_target_errors():
         TaskTargetd("t3")
     with pytest.raises(ValueError, match=r"expected a \(2, H, W\)"):
         TaskTargetd("t1")({"label": np.zeros((32, 32))})
-    with pytest.raises(ValueError, match="no pixel of the target"):
-        TaskTargetd("t2")({"label": _label(), "target_class": 4})
-    with pytest.raises(ValueError, match="no nucleus"):
-        TaskTargetd("t2")({"label": np.zeros((2, 8, 8), np.int32)})
+
+
+def test_vanished_target_gives_an_empty_target_and_negative_prompts(caplog):
+    """A nucleus resized away leaves no target: the sample trains on an empty G with negatives only, and says so."""
+    with caplog.at_level("WARNING"):
+        absent = TaskTargetd("t2")({"label": _label(), "target_class": 4})
+        nothing = TaskTargetd("t2")({"label": np.zeros((2, 8, 8), np.int32)})
+    assert absent["label"].sum() == 0 and nothing["label"].sum() == 0 and nothing["target_class"] == 0
+    assert caplog.text.count("no pixel of the target") == 2
+    t = PromptSetsd(8)
+    t.set_random_state(0)
+    labels = t(absent)["point_labels"].numpy()
+    assert (labels == 1).sum() == 0 and ((labels == 0).sum(1) >= 1).all()
 
 
 def _sample(task="t2", cls=2):

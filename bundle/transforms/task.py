@@ -12,6 +12,8 @@ is drawn among the classes present in the image (training).
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from monai.config import KeysCollection
@@ -19,6 +21,7 @@ from monai.transforms import MapTransform, Randomizable
 from scipy import ndimage
 
 TASKS = ("t1", "t2", "organ")
+logger = logging.getLogger(__name__)
 
 
 class TaskTargetd(Randomizable, MapTransform):
@@ -53,13 +56,14 @@ class TaskTargetd(Randomizable, MapTransform):
                 lookalike = ndimage.binary_dilation(target, iterations=self.band) & ~target
             else:
                 present = np.unique(cls[cls > 0])
-                if len(present) == 0:
-                    raise ValueError(f"{source}: no {'organ' if self.task == 'organ' else 'nucleus'} in the label")
-                target_class = int(d["target_class"]) if d.get("target_class") is not None else self.randomize(present)
-                target = cls == target_class
+                if d.get("target_class") is not None:
+                    target_class = int(d["target_class"])
+                else:
+                    target_class = self.randomize(present) if len(present) else 0
+                target = (cls == target_class) & (cls > 0)
                 lookalike = (cls > 0) & ~target
             if not target.any():
-                raise ValueError(f"{source}: no pixel of the target (task {self.task}, class {target_class})")
+                logger.warning("%s: no pixel of the target (task %s, class %s): empty target", source, self.task, target_class)
             d[key] = torch.from_numpy(target[None].astype(np.float32))
             d["target_inst"] = torch.from_numpy(np.where(target, inst, 0)[None].astype(np.int32))
             d["lookalike"] = torch.from_numpy(lookalike[None].astype(np.uint8))
