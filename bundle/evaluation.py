@@ -27,7 +27,9 @@ from ignite.engine import Engine, Events
 from monai.transforms import MapTransform
 from torch import nn
 
+from bundle.export import check_state_dict, read_state_dict
 from bundle.metrics import STRATA, count_instances, density_stratum, dice_iou
+from bundle.networks import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +51,13 @@ def load_checkpoint(network: nn.Module, checkpoint: str | None) -> nn.Module:
         return network
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint to evaluate not found: {checkpoint}")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)  # tensors only: no code runs
-    if isinstance(state, dict) and isinstance(state.get("network"), dict):
-        state = state["network"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{checkpoint}: not a state dict nor a training state with a 'network' entry")
+    state = read_state_dict(checkpoint)  # a bare state dict or a training state's "network" entry
     try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as e:
+        check_state_dict(state, network, checkpoint)
+    except CheckpointError as e:
         raise RuntimeError(f"{checkpoint} does not fit the configured network (model_size / lora_rank / "
                            f"image_size must be those of its training): {e}") from e
+    network.load_state_dict(state, strict=True)
     print(f"Evaluating {checkpoint}")
     return network
 
