@@ -15,8 +15,10 @@ set's best predicted-IoU slot, and G) for the training Dice / IoU metrics.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import re
+import zipfile
 from typing import Any, Callable, Sequence
 
 import torch
@@ -128,8 +130,14 @@ def loss_terms(output: Any) -> dict[str, float]:
 
 
 def latest_checkpoint(ckpt_dir: str, prefix: str = "checkpoint") -> str | None:
-    """The newest ``{prefix}_epoch=N.pt`` written by MONAI's ``CheckpointSaver`` in ``ckpt_dir``, or None."""
+    """The newest complete ``{prefix}_epoch=N.pt`` written by MONAI's ``CheckpointSaver`` in ``ckpt_dir``, or None.
+
+    MONAI writes checkpoints in place, so a run killed while saving leaves a truncated newest file (the previous one
+    is removed only after the new one is written): such a file is skipped, with a warning.
+    """
     found = glob.glob(os.path.join(ckpt_dir, f"{prefix}_epoch=*.pt"))
-    if not found:
-        return None
-    return max(found, key=lambda p: int(re.search(r"epoch=(\d+)", p).group(1)))
+    for path in sorted(found, key=lambda p: int(re.search(r"epoch=(\d+)", p).group(1)), reverse=True):
+        if zipfile.is_zipfile(path):  # torch.save's format; a truncated file has no central directory
+            return path
+        logging.getLogger(__name__).warning("skipping incomplete checkpoint %s (killed while saving?)", path)
+    return None

@@ -55,3 +55,14 @@ def test_ablation_switches_reach_the_loss(tmp_path):
     trainer.run()
     out = trainer.state.output[0]
     assert abs(float(out["loss"]) - float(out["sup"])) < 1e-6  # SUP only: the supervised-only baseline
+
+
+def test_latest_checkpoint_skips_a_file_truncated_by_a_kill(tmp_path):
+    from bundle.engines import latest_checkpoint
+
+    torch.save({"w": torch.zeros(3)}, tmp_path / "checkpoint_epoch=2.pt")
+    torch.save({"w": torch.zeros(3)}, tmp_path / "checkpoint_epoch=10.pt")
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint_epoch=10.pt")
+    (tmp_path / "checkpoint_epoch=11.pt").write_bytes((tmp_path / "checkpoint_epoch=10.pt").read_bytes()[:40])
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint_epoch=10.pt")
+    assert latest_checkpoint(str(tmp_path / "none")) is None
