@@ -3,13 +3,15 @@
 One iteration, for a batch of images with N prompt sets each (METHOD.md):
 
 1. the actor encodes every image once (LoRA on); the reference encodes them once (adapters off, no grad);
-2. per image, all N prompt sets go through prompt encoder + mask decoder in one batched call, M = 3 masks each,
-   for the actor and for the reference;
-3. :class:`bundle.preference.SAMPOLoss` mines inter- and intra-prompt pairs and returns the hybrid loss;
-4. one optimiser step on the batch mean.
+2. the B x N prompt sets go through prompt encoder + mask decoder, M = 3 masks each, for the actor and for the
+   reference, each set with exactly its clicks plus SAM's padding point (:mod:`bundle.networks.decoding`);
+3. :class:`bundle.preference.SAMPOLoss` mines inter- and intra-prompt pairs and returns the hybrid loss, its
+   preference terms pooled over the valid pairs of the whole batch;
+4. one optimiser step.
 
-The output holds ``loss`` and its terms for the handlers, and ``pred`` / ``label`` (the mask of the first prompt
-set's best predicted-IoU slot, and G) for the training Dice / IoU metrics.
+The output holds ``loss`` and its terms for the handlers, and ``pred`` / ``label`` for the training Dice / IoU:
+``pred`` (B, N, H, W) has one channel per prompt set (its best predicted-IoU mask), ``label`` is G repeated, so the
+metrics average over every prompt set.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from bundle.networks import PromptableSAM
+from bundle.networks.decoding import best_slot, upsample
 from bundle.preference import SAMPOLoss
 
-LOGGED_TERMS = ("loss", "po1", "po2", "sup", "reward_margin", "preference_accuracy", "pairs")
+LOGGED_TERMS = ("loss", "po1", "po2", "sup", "iou_head", "reward_margin", "preference_accuracy", "pairs")
 
 
 class SAMPOTrainer(Trainer):
@@ -98,21 +101,16 @@ class SAMPOTrainer(Trainer):
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
 
         size = tuple(targets.shape[-2:])
-        embeddings = net.encode(images)
+        low, iou_pred = net.decode(net.encode(images), points, labels, input_size=size)
         with net.reference():
-            ref_embeddings = net.encode(images)
-        terms, preds = [], []
-        for b in range(images.shape[0]):
-            low, iou_pred = net.decode(embeddings[b : b + 1], points[b], labels[b], input_size=size)
-            logits = F.interpolate(low, size=size, mode="bilinear", align_corners=False)
-            with net.reference():
-                ref_low, _ = net.decode(ref_embeddings[b : b + 1], points[b], labels[b], input_size=size)
-                ref_logits = F.interpolate(ref_low, size=size, mode="bilinear", align_corners=False)
-            terms.append(engine.loss_function(logits, ref_logits, targets[b, 0]))
-            preds.append(logits[0, iou_pred[0].argmax()].detach()[None])
-        out = {k: torch.stack([t[k] for t in terms]).mean() for k in terms[0]}
-        out["pairs"] = torch.stack([t["pairs"] for t in terms]).sum()
-        engine.state.output = {CommonKeys.IMAGE: images, CommonKeys.LABEL: targets, CommonKeys.PRED: torch.stack(preds)}
+            ref_low, _ = net.decode(net.encode(images), points, labels, input_size=size)
+        logits, ref_logits = upsample(low, size), upsample(ref_low, size)
+        out = engine.loss_function(logits, ref_logits, targets[:, 0], iou_pred)
+        out.pop("iou", None)
+        # training metrics over every prompt set: channel k = the best predicted-IoU mask of prompt set k
+        preds = best_slot(logits, iou_pred).detach()
+        engine.state.output = {CommonKeys.IMAGE: images, CommonKeys.LABEL: targets.expand_as(preds),
+                               CommonKeys.PRED: preds}
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.state.output.update({k: v.detach() for k, v in out.items()})
         engine.fire_event(IterationEvents.LOSS_COMPLETED)

@@ -3,11 +3,11 @@
 * :func:`merge_lora` folds the LoRA adapters into the image-encoder weights (peft ``merge_and_unload`` on a copy)
   and keeps the trained prompt encoder / mask decoder; the result is a ``PromptableSAM(..., lora_rank=0)``.
   Its state dict is ``models/model.pt``, which ``configs/inference.yaml``'s ``network_def`` loads strictly.
-* :func:`export_torchscript` traces :class:`~bundle.traceable.TraceablePromptableSAM` (``segment_anything`` is
-  not scriptable), wraps the trace in a scripted input check and saves it with MONAI's ``save_net_with_metadata``,
+* :func:`export_torchscript` scripts the network around traced parts (:mod:`bundle.traceable`;
+  ``segment_anything`` is not scriptable) and saves it with MONAI's ``save_net_with_metadata``,
   carrying ``metadata.json`` and ``inference.json`` (the inference config as JSON) as extra files: the archive
   that ``monai.bundle`` tools, MONAI Label and MONAI Deploy's ``MonaiBundleInferenceOperator`` load.
-  The trace works for any batch size and any number of clicks (up to ``max_points`` per channel); the spatial
+  It works for any batch size and any number of clicks per image (up to ``max_points`` per channel); the spatial
   size is fixed at ``image_size`` x ``image_size``, which the bundle's preprocessing produces. The export checks
   the TorchScript output against the eager network on several batch sizes and click counts.
 * :func:`export_bundle` does both from a training network or checkpoint; :class:`ExportBundle` is the Ignite
@@ -33,7 +33,7 @@ from torch import nn
 
 from bundle.guidance import points_to_guidance
 from bundle.networks import SAM_SIZES, CheckpointError, PromptableSAM
-from bundle.traceable import TraceablePromptableSAM
+from bundle.traceable import script_network
 
 logger = logging.getLogger(__name__)
 
@@ -160,54 +160,24 @@ def merge_lora(net: PromptableSAM) -> PromptableSAM:
     return merged.to(device).eval()
 
 
-def example_inputs(net: PromptableSAM, batch: int = 1, clicks: tuple[int, int] = (1, 1), seed: int = 0) -> torch.Tensor:
-    """A (batch, C + 2, S, S) input with ``clicks`` = (foreground, background) random clicks per image."""
+def example_inputs(net: PromptableSAM, batch: int = 1, clicks=(1, 1), seed: int = 0) -> torch.Tensor:
+    """A (batch, C + 2, S, S) input with random clicks: ``clicks`` = (foreground, background) for every image, or a
+    list of such pairs, one per image."""
     g = torch.Generator().manual_seed(seed)
     s = net.image_size
-    image = torch.rand((batch, net.in_channels, s, s), generator=g)
-    n_fg, n_bg = clicks
-    points = torch.randint(0, s, (batch, n_fg + n_bg, 2), generator=g).float()
-    labels = torch.tensor([1] * n_fg + [0] * n_bg).expand(batch, -1)
-    return torch.cat([image, points_to_guidance(points, labels, (s, s))], dim=1)
+    per_image = list(clicks) if isinstance(clicks[0], (tuple, list)) else [tuple(clicks)] * batch
+    image = torch.rand((len(per_image), net.in_channels, s, s), generator=g)
+    guidance = []
+    for n_fg, n_bg in per_image:
+        points = torch.randperm(s * s, generator=g)[: n_fg + n_bg]  # distinct pixels: every click is read
+        points = torch.stack([points % s, points // s], -1).float()[None]
+        labels = torch.tensor([[1] * n_fg + [0] * n_bg])
+        guidance.append(points_to_guidance(points, labels, (s, s)))
+    return torch.cat([image, torch.cat(guidance)], dim=1)
 
 
-class _InputCheck(nn.Module):
-    """Scripted guard around the trace: a wrong input shape is an error, not a silently wrong mask."""
-
-    def __init__(self, traced: nn.Module, channels: int, size: int) -> None:
-        super().__init__()
-        self.net = traced
-        self.channels = channels
-        self.size = size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.channels or x.shape[2] != self.size or x.shape[3] != self.size:
-            raise ValueError(
-                "expected input (B, " + str(self.channels) + ", " + str(self.size) + ", " + str(self.size)
-                + "): image channels in [0, 1] + foreground and background click channels, resized to the "
-                "network's image_size; got " + str(x.shape)
-            )
-        return self.net(x)
-
-
-# the cases verify_torchscript runs: (batch, (foreground clicks, background clicks))
-VERIFY_CASES = ((1, (1, 0)), (1, (3, 3)), (2, (2, 1)), (3, (16, 16)))
-
-
-def trace_network(net: PromptableSAM) -> torch.jit.ScriptModule:
-    """TorchScript of a merged network: a trace of its traceable twin inside a scripted input check."""
-    from monai.networks.utils import convert_to_torchscript
-
-    twin = TraceablePromptableSAM.from_network(net).cpu()
-    with torch.no_grad(), warnings.catch_warnings():
-        # TracerWarnings flag the Python ints / constants the trace fixes: the spatial size, checked by _InputCheck
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        traced = convert_to_torchscript(
-            twin, use_trace=True, inputs=[example_inputs(net, batch=2, clicks=(2, 2))], verify=False,
-            check_trace=False,
-        )
-        return torch.jit.script(_InputCheck(traced, net.in_channels + 2, net.image_size))
+# the cases verify_torchscript runs: (batch, (foreground clicks, background clicks) per image or for all)
+VERIFY_CASES = ((1, (1, 0)), (1, (3, 3)), (2, (2, 1)), (3, (16, 16)), (3, [(1, 0), (3, 3), (16, 16)]), (1, (0, 2)))
 
 
 def verify_torchscript(ts: nn.Module, net: nn.Module, rtol: float = 1e-4, atol: float = 1e-4) -> float:
@@ -241,7 +211,7 @@ def export_torchscript(
     if net.lora_rank:
         net = merge_lora(net)
     net = net.cpu().eval()
-    ts = trace_network(net)
+    ts = script_network(net)
     if verify:
         diff = verify_torchscript(ts, net)
         logger.info("TorchScript matches the eager network (max |diff| %.3g)", diff)

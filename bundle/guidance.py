@@ -42,5 +42,5 @@ def guidance_to_points(guidance: torch.Tensor, max_points: int = 16, threshold: 
     ys = torch.div(index, w, rounding_mode="floor").to(guidance.dtype)
     points = torch.stack([xs, ys], dim=-1).reshape(b, 2 * k, 2)
     kind = torch.tensor([1, 0], device=guidance.device).view(1, 2, 1).expand(b, 2, k)
-    labels = torch.where(values > 0, kind, torch.full_like(kind, PAD_LABEL)).reshape(b, 2 * k)
+    labels = torch.where(values > 0, kind, torch.full_like(kind, -1)).reshape(b, 2 * k)  # -1: PAD_LABEL (no globals in TorchScript)
     return points, labels

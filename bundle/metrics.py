@@ -1,7 +1,8 @@
 """Per-image segmentation metrics of the evaluation protocol (METHOD.md) and the nucleus-density strata.
 
 * Dice = 2|P & G| / (|P| + |G|), IoU = |P & G| / |P | G| on binary masks of one image;
-  both masks empty: 1 (nothing to find, nothing found); exactly one empty: 0.
+  both masks empty: 1 (nothing to find, nothing found); exactly one empty: 0. :func:`dice_iou` for one pair of
+  arrays, :func:`overlap` batched in torch (preference mining, the sensitivity grid).
 * Density strata by the number of nuclei in the image (SAMPO-Path): sparse [0, 20), medium [20, 50),
   dense [50, 100], crowded (100, inf). 19 -> sparse, 20 -> medium, 50 -> dense, 100 -> dense, 101 -> crowded.
 """
@@ -31,6 +32,19 @@ def dice_iou(pred, target) -> tuple[float, float]:
         return 1.0, 1.0
     union = total - inter
     return 2.0 * inter / total, inter / union
+
+
+def overlap(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched torch Dice and IoU of binary masks (..., H, W) against targets broadcastable to them (> 0 is
+    foreground), with the conventions of :func:`dice_iou`; no gradient flows (the masks are thresholded)."""
+    p, g = pred > 0, target > 0
+    p, g = torch.broadcast_tensors(p, g)
+    inter = (p & g).flatten(-2).sum(-1).float()
+    total = (p.flatten(-2).sum(-1) + g.flatten(-2).sum(-1)).float()
+    union = total - inter
+    empty = total == 0
+    one = torch.ones_like(total)
+    return (torch.where(empty, one, 2 * inter / total.clamp(min=1)), torch.where(empty, one, inter / union.clamp(min=1)))
 
 
 def dice(pred, target) -> float:

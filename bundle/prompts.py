@@ -2,17 +2,23 @@
 evaluation prompts of METHOD.md.
 
 Training: each sample gets N prompt sets whose quality varies on purpose, so the masks they produce differ and
-preference pairs can be mined. A set draws 1..max_pos positives and 0..max_neg negatives and mixes:
+preference pairs can be mined. A set draws 1..max_pos positives and 0..max_neg negatives, and has one value of
+each of three qualities:
 
-* interior points (top half of the distance-to-edge within a target instance) vs points on the instance edge;
-* positives all on one target instance ("few") vs spread over distinct instances ("many");
-* negatives on plain background vs on look-alike non-targets (T2: nuclei of other classes; organ: other organs;
-  T1: the background band hugging the nuclei).
+* ``interior``: positives in the top half of the distance-to-edge within a target instance, or on the edge;
+* ``many``: positives spread over distinct instances (at least 2 where possible), or all on one instance;
+* ``hard``: negatives on look-alike non-targets (T2: nuclei of other classes; organ: other organs; T1: the
+  background band hugging the nuclei), or on plain background.
+
+Within one sample each quality takes both values as evenly as N allows (shuffled), so any two samples' sets span
+good and poor prompts alike: the sets really differ, not only by chance.
 
 Points are (x, y) pixel coordinates; unused slots carry label -1 (SAM's "not a point").
 """
 
 from __future__ import annotations
+
+import zlib
 
 import numpy as np
 from scipy import ndimage
@@ -72,32 +78,45 @@ class PromptSampler:
         source = self.lookalike if hard and self.lookalike.any() else self.background
         return _pick(source, rng) or _pick(~self.target, rng)
 
-    def prompt_set(self, rng: np.random.Generator, max_pos: int = 3, max_neg: int = 3):
-        """One prompt set of random size and quality: (max_pos + max_neg, 2) points and labels.
+    def prompt_set(self, rng: np.random.Generator, max_pos: int = 3, max_neg: int = 3, interior: bool = True,
+                   many: bool = False, hard: bool = False):
+        """One prompt set of random size with the given qualities: (max_pos + max_neg, 2) points and labels.
 
         With an empty target (it can vanish when a tiny nucleus is resized away) the set has negatives only.
         """
-        n_pos = int(rng.integers(1, max_pos + 1)) if len(self.ids) else 0
+        spread = many and len(self.ids) > 1 and max_pos > 1
+        n_pos = int(rng.integers(2 if spread else 1, max_pos + 1)) if len(self.ids) else 0
         n_neg = int(rng.integers(0 if n_pos else 1, max_neg + 1))
-        interior_share, hard_share = rng.uniform(), rng.uniform()
         if n_pos == 0:
             instances = []
-        elif rng.uniform() < 0.5:  # few: every positive on one instance
-            instances = np.repeat(rng.choice(self.ids), n_pos)
-        else:  # many: distinct instances where there are enough
+        elif spread:  # distinct instances where there are enough
             instances = rng.choice(self.ids, size=n_pos, replace=len(self.ids) < n_pos)
-        points = [self.positive(int(i), rng.uniform() < interior_share, rng) for i in instances]
+        else:
+            instances = np.repeat(rng.choice(self.ids), n_pos)
+        points = [self.positive(int(i), interior, rng) for i in instances]
         labels = [1] * n_pos
         for _ in range(n_neg):
-            point = self.negative(rng.uniform() < hard_share, rng)
+            point = self.negative(hard, rng)
             if point is not None:
                 points.append(point)
                 labels.append(0)
         return _pad(points, labels, max_pos + max_neg)
 
+    @staticmethod
+    def qualities(n_sets: int, rng: np.random.Generator) -> list[dict[str, bool]]:
+        """The qualities of ``n_sets`` sets: each of ``interior``, ``many``, ``hard`` half true, half false,
+        independently shuffled (an odd set out is drawn at random)."""
+        columns = {}
+        for name in ("interior", "many", "hard"):
+            values = np.arange(n_sets) % 2 == 0
+            if n_sets % 2:
+                values[-1] = rng.uniform() < 0.5
+            columns[name] = rng.permutation(values)
+        return [{name: bool(columns[name][k]) for name in columns} for k in range(n_sets)]
+
     def prompt_sets(self, n_sets: int, rng: np.random.Generator, max_pos: int = 3, max_neg: int = 3):
-        """``n_sets`` prompt sets: points (n_sets, P, 2) float32 and labels (n_sets, P) int64."""
-        sets = [self.prompt_set(rng, max_pos, max_neg) for _ in range(n_sets)]
+        """``n_sets`` prompt sets of balanced qualities: points (n_sets, P, 2) float32 and labels (n_sets, P)."""
+        sets = [self.prompt_set(rng, max_pos, max_neg, **q) for q in self.qualities(n_sets, rng)]
         return np.stack([s[0] for s in sets]), np.stack([s[1] for s in sets])
 
 
@@ -110,10 +129,18 @@ def _pad(points: list, labels: list, size: int):
     return out_p, out_l
 
 
-def evaluation_points(target: np.ndarray, n_pos: int, n_neg: int, rng: np.random.Generator):
+def evaluation_rng(seed: int, key: str) -> np.random.Generator:
+    """The generator of one evaluation item, ``key`` = ``name#target_class``: the same prompts in every run and
+    every data order (the main evaluation and the sensitivity grid share it)."""
+    return np.random.default_rng([seed, zlib.crc32(key.encode())])
+
+
+def evaluation_points(target: np.ndarray, n_pos: int, n_neg: int, rng: np.random.Generator,
+                      size: int | None = None):
     """METHOD.md's evaluation prompts: ``n_pos`` points drawn uniformly in G, ``n_neg`` uniformly outside it.
 
-    Returns points (n_pos + n_neg, 2) and labels; with an empty G there are no positives (label -1 slots).
+    Returns points (size, 2) and labels, ``size`` (default n_pos + n_neg) slots; with an empty G there are no
+    positives (label -1 slots, which the decoder never sees).
     """
     target = target.astype(bool)
     points, labels = [], []
@@ -124,4 +151,4 @@ def evaluation_points(target: np.ndarray, n_pos: int, n_neg: int, rng: np.random
         idx = rng.choice(len(ys), size=n, replace=len(ys) < n)
         points += [(float(xs[i]), float(ys[i])) for i in idx]
         labels += [label] * n
-    return _pad(points, labels, n_pos + n_neg)
+    return _pad(points, labels, size or n_pos + n_neg)

@@ -1,8 +1,8 @@
 """Prompt sensitivity (METHOD.md): Dice over a grid of 1..max_pos positive x 0..max_neg negative points.
 
 Per image, the image encoder runs once; the prompt sets of all grid cells (10 x 11 = 110 by default) go through the
-prompt encoder and mask decoder in one batched ``decode`` call; the predicted mask per cell is the slot with the
-highest predicted IoU, upsampled to the target's size, ``logit > 0``.
+prompt encoder and mask decoder in one ``decode`` call, each with exactly its clicks plus SAM's padding point; the
+predicted mask per cell is the slot with the highest predicted IoU, upsampled to the target's size, ``logit > 0``.
 
 Prompts: for every cell, :func:`bundle.prompts.evaluation_points` with a generator seeded by ``seed`` and the
 item's key (``name#target_class``) -- the seed :class:`bundle.transforms.prompts.EvalPromptsd` uses, so the cell
@@ -16,41 +16,28 @@ from __future__ import annotations
 
 import csv
 import os
-import zlib
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from bundle.guidance import PAD_LABEL
-from bundle.prompts import evaluation_points
-
-
-def item_rng(seed: int, key: str) -> np.random.Generator:
-    """The evaluation generator of one item (same mixing as ``EvalPromptsd``)."""
-    return np.random.default_rng([seed, zlib.crc32(key.encode())])
+from bundle.metrics import overlap
+from bundle.networks.decoding import best_slot, upsample
+from bundle.prompts import evaluation_points, evaluation_rng
 
 
-def grid_prompts(target: np.ndarray, key: str, seed: int = 0, max_pos: int = 10, max_neg: int = 10,
-                 size: int | None = None):
+def grid_prompts(target: np.ndarray, key: str, seed: int = 0, max_pos: int = 10, max_neg: int = 10):
     """Prompt sets of every grid cell, row-major over (n_pos = 1..max_pos, n_neg = 0..max_neg).
 
-    Returns points (max_pos * (max_neg + 1), size, 2) float32 and labels (same, int64; -1 padding), ``size``
-    (default max_pos + max_neg) prompt slots per set. SAM's decoder attends to padding slots too, so a cell matches
-    the single-tensor forward only when ``size`` is that forward's slot count (``2 * network.max_points``).
+    Returns points (max_pos * (max_neg + 1), max_pos + max_neg, 2) float32 and labels (same, int64; -1 where a
+    cell has fewer clicks). The -1 slots only stack the cells into one tensor: the decoder sees each cell's clicks
+    plus SAM's padding point (:mod:`bundle.networks.decoding`), as the single-tensor forward does.
     """
-    size = size or max_pos + max_neg
-    if size < max_pos + max_neg:
-        raise ValueError(f"size {size} < max_pos + max_neg = {max_pos + max_neg}")
     points, labels = [], []
     for n_pos in range(1, max_pos + 1):
         for n_neg in range(0, max_neg + 1):
-            p, lab = evaluation_points(target, n_pos, n_neg, item_rng(seed, key))
-            pad_p = np.zeros((size, 2), np.float32)
-            pad_l = np.full((size,), PAD_LABEL, np.int64)
-            pad_p[: len(p)], pad_l[: len(lab)] = p, lab
-            points.append(pad_p)
-            labels.append(pad_l)
+            p, lab = evaluation_points(target, n_pos, n_neg, evaluation_rng(seed, key), size=max_pos + max_neg)
+            points.append(p)
+            labels.append(lab)
     return np.stack(points), np.stack(labels)
 
 
@@ -60,7 +47,7 @@ def prompt_grid(network, image: torch.Tensor, target: torch.Tensor, key: str, se
     """Dice of every grid cell for one image: (max_pos, max_neg + 1), [i, j] = (i + 1 positives, j negatives).
 
     Args:
-        network: has ``encode(images)`` and ``decode(embedding, points, labels, input_size)``
+        network: has ``encode(images)`` and ``decode(embeddings, points, labels, input_size)``
             (:class:`bundle.networks.PromptableSAM` or its reference policy).
         image: (C, H, W) image in [0, 1]; target: (1, H, W) or (H, W) binary G.
     """
@@ -70,19 +57,12 @@ def prompt_grid(network, image: torch.Tensor, target: torch.Tensor, key: str, se
     try:
         g = torch.as_tensor(target).reshape(target.shape[-2:]).to(device) > 0
         h, w = g.shape
-        # as many prompt slots as the single-tensor forward reads from the click channels (16 + 16 by default), so
-        # that the cell (3+, 3-) reproduces the protocol's prediction exactly
-        slots = 2 * getattr(network, "max_points", 0) or None
-        points, labels = grid_prompts(g.cpu().numpy(), key, seed, max_pos, max_neg,
-                                      max(slots or 0, max_pos + max_neg) if slots else None)
+        points, labels = grid_prompts(g.cpu().numpy(), key, seed, max_pos, max_neg)
         embedding = network.encode(torch.as_tensor(image)[None].float().to(device))
-        low, iou = network.decode(embedding, torch.from_numpy(points).to(device), torch.from_numpy(labels).to(device),
-                                  input_size=(h, w))
-        best = low[torch.arange(low.shape[0], device=device), iou.argmax(dim=1)][:, None]
-        pred = F.interpolate(best, size=(h, w), mode="bilinear", align_corners=False)[:, 0] > 0
-        inter = (pred & g).flatten(1).sum(1).float()
-        total = (pred.flatten(1).sum(1) + g.sum()).float()
-        dice = torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
+        low, iou = network.decode(embedding, torch.from_numpy(points)[None].to(device),
+                                  torch.from_numpy(labels)[None].to(device), input_size=(h, w))
+        pred = upsample(best_slot(low[0], iou[0]), (h, w))
+        dice = overlap(pred, g)[0]
         return dice.reshape(max_pos, max_neg + 1).cpu().numpy()
     finally:
         network.train(was_training)

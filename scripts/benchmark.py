@@ -27,7 +27,7 @@ def measure(size: str, batch: int, n_sets: int, repeats: int, image_size: int) -
     import torch
 
     sys.path.insert(0, REPO)
-    from bundle.engines import SAMPOTrainer  # noqa: F401  (imports the same code path as training)
+    from bundle.engines import SAMPOTrainer
     from bundle.guidance import points_to_guidance
     from bundle.networks import PromptableSAM
     from bundle.preference import SAMPOLoss
@@ -35,27 +35,17 @@ def measure(size: str, batch: int, n_sets: int, repeats: int, image_size: int) -
     torch.manual_seed(0)
     net = PromptableSAM(size, image_size, lora_rank=64 if size != "tiny" else 4)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=3e-4)
-    loss_fn = SAMPOLoss()
     images = torch.rand(batch, 3, image_size, image_size)
-    target = torch.rand(batch, image_size, image_size) > 0.7
+    target = (torch.rand(batch, 1, image_size, image_size) > 0.7).float()
     points = torch.rand(batch, n_sets, 6, 2) * image_size
     labels = torch.randint(0, 2, (batch, n_sets, 6))
     labels[..., 0] = 1
+    batchdata = {"image": images, "label": target, "points": points, "point_labels": labels}
+    # the trainer's own iteration (encode once, decode every prompt set, mine, loss, step), without a data loader
+    trainer = SAMPOTrainer("cpu", 1, [batchdata], net, opt, SAMPOLoss(), decollate=False)
 
     def step():
-        opt.zero_grad()
-        emb = net.encode(images)
-        with net.reference():
-            ref = net.encode(images)
-        total = 0.0
-        for b in range(batch):
-            up = lambda t: torch.nn.functional.interpolate(t, size=(image_size, image_size), mode="bilinear")  # noqa: E731
-            low, _ = net.decode(emb[b : b + 1], points[b], labels[b])
-            with net.reference():
-                ref_low, _ = net.decode(ref[b : b + 1], points[b], labels[b])
-            total = total + loss_fn(up(low), up(ref_low), target[b])["loss"]
-        (total / batch).backward()
-        opt.step()
+        trainer._iteration(trainer, batchdata)
 
     x = torch.cat([images[:1], points_to_guidance(points[:1, 0], labels[:1, 0], (image_size, image_size))], 1)
 

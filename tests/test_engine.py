@@ -28,33 +28,87 @@ def _trainer(tmp_path, **overrides):
 
 
 def test_gradients_reach_only_trainable_parameters(tmp_path):
-    trainer, net = _trainer(tmp_path)
+    trainer, net = _trainer(tmp_path, synthetic={"n_train": 4, "n_val": 1, "n_test": 1})  # 2 iterations
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
-    seen = {}
+    seen = []
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def _grads(engine):
-        seen.update({n: p.grad for n, p in net.named_parameters()})
+        seen.append({n: None if p.grad is None else p.grad.clone() for n, p in net.named_parameters()})
 
     trainer.run()
-    assert seen, "no iteration ran"
+    assert len(seen) == 2, "expected two iterations"
     for name, param in net.named_parameters():
         if not param.requires_grad:
-            assert seen[name] is None, f"frozen {name} received a gradient"
+            assert all(s[name] is None for s in seen), f"frozen {name} received a gradient"
             assert torch.equal(param, before[name]), f"frozen {name} changed"
-    trained = [n for n, g in seen.items() if g is not None and g.abs().sum() > 0]
-    assert any("lora_B" in n for n in trained) and any("mask_decoder" in n for n in trained)
+    # every trainable group gets a gradient (LoRA A only once B has left zero, i.e. in the second step)
+    moved = {n for n, g in seen[1].items() if g is not None and g.abs().sum() > 0}
+    groups = {
+        "LoRA A": lambda n: "lora_A" in n,
+        "LoRA B": lambda n: "lora_B" in n,
+        "prompt encoder": lambda n: "prompt_encoder.modules_to_save" in n,
+        "mask decoder": lambda n: "mask_decoder.modules_to_save" in n and "iou_prediction_head" not in n,
+        "IoU head": lambda n: "iou_prediction_head" in n and "modules_to_save" in n,
+    }
+    for group, member in groups.items():
+        assert any(member(n) for n in moved), f"no gradient reached the {group}"
+    # the optimiser holds exactly the trainable parameters (AdamW would silently skip frozen ones)
+    optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert optimised == {id(p) for p in net.parameters() if p.requires_grad}
     out = trainer.state.output[0]
-    assert {"loss", "po1", "po2", "sup", "reward_margin", "preference_accuracy", "pred", "label"} <= set(out)
-    # the first step compares the actor with itself: every preference pair costs exactly log 2
-    assert abs(float(out["po1"]) - 0.6931472) < 1e-5
+    assert {"loss", "po1", "po2", "sup", "iou_head", "reward_margin", "preference_accuracy", "pred", "label"} <= set(out)
+    # training Dice covers every prompt set: one prediction channel per set, G repeated
+    assert out["pred"].shape[0] == 4 and out["label"].shape == out["pred"].shape
+
+
+def test_first_step_compares_the_actor_with_itself(tmp_path):
+    trainer, _ = _trainer(tmp_path)
+    trainer.run()
+    # every preference pair costs exactly log 2 while actor and reference are the same model
+    assert abs(float(trainer.state.output[0]["po1"]) - 0.6931472) < 1e-5
+
+
+def test_iou_head_mse_falls_on_a_fixed_batch(tmp_path):
+    """The head that picks the output mask is trained towards the candidates' true IoUs (SAM's objective)."""
+    from bundle.engines import SAMPOTrainer
+    from bundle.networks import PromptableSAM
+    from bundle.preference import SAMPOLoss
+
+    torch.manual_seed(0)
+    net = PromptableSAM("tiny", 64, lora_rank=4)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    target = torch.zeros(2, 1, 64, 64)
+    target[:, :, 16:40, 10:44] = 1
+    batch = {"image": torch.rand(2, 3, 64, 64, generator=g), "label": target,
+             "points": torch.randint(0, 64, (2, 4, 6, 2), generator=g).float(),
+             "point_labels": torch.randint(0, 2, (2, 4, 6), generator=g)}
+    trainer = SAMPOTrainer("cpu", 1, [batch], net, opt, SAMPOLoss(), decollate=False)
+    head = [p for n, p in net.named_parameters() if "iou_prediction_head" in n and p.requires_grad]
+    mse = []
+    for _ in range(15):
+        out = trainer._iteration(trainer, batch)
+        mse.append(float(out["iou_head"]))
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head)
+    assert mse[-1] < 0.5 * mse[0], mse
+    # switched off, the head gets no gradient from the loss
+    net.zero_grad(set_to_none=True)
+    trainer.loss_function = SAMPOLoss(use_iou_head=False)
+    out = trainer._iteration(trainer, batch)
+    assert float(out["iou_head"]) == 0.0
 
 
 def test_ablation_switches_reach_the_loss(tmp_path):
     trainer, _ = _trainer(tmp_path, use_po1=False, use_po2=False)
     trainer.run()
     out = trainer.state.output[0]
-    assert abs(float(out["loss"]) - float(out["sup"])) < 1e-6  # SUP only: the supervised-only baseline
+    # SUP (+ the IoU head, trained in every variant) only: the supervised-only baseline
+    assert abs(float(out["loss"]) - float(out["sup"]) - float(out["iou_head"])) < 1e-6
+    trainer, _ = _trainer(tmp_path, use_po1=False, use_po2=False, use_iou_head=False)
+    trainer.run()
+    out = trainer.state.output[0]
+    assert abs(float(out["loss"]) - float(out["sup"])) < 1e-6
 
 
 def test_latest_checkpoint_skips_a_file_truncated_by_a_kill(tmp_path):

@@ -76,20 +76,16 @@ def test_prompt_grid_shape_and_one_encoder_pass():
     assert len(calls) == 1  # the image encoder runs once for all 110 prompt sets
     assert ((grid >= 0) & (grid <= 1)).all()
     # each cell is the Dice of the best predicted-IoU slot for that cell's prompts: check one cell by hand
-    points, labels = grid_prompts(target[0].numpy() > 0, "x#0", size=2 * net.max_points)
-    with torch.no_grad():
-        low, iou = net.decode(net.encode(image[None]), torch.from_numpy(points[7:8]), torch.from_numpy(labels[7:8]),
-                              input_size=(64, 64))
-        logit = torch.nn.functional.interpolate(low[:, iou[0].argmax()][:, None], size=(64, 64), mode="bilinear")
-    assert grid[0, 7] == pytest.approx(dice_iou(logit[0, 0] > 0, target[0])[0], abs=1e-6)
-    # padded like the single-tensor forward, a cell's prompts give the forward's logits on the same clicks
-    # (with fewer padding slots SAM's decoder gives other logits: it attends to padding tokens too)
+    points, labels = grid_prompts(target[0].numpy() > 0, "x#0")
     cell = 2 * 11 + 3
     p, lab = torch.from_numpy(points[cell : cell + 1]), torch.from_numpy(labels[cell : cell + 1])
     with torch.no_grad():
-        low, iou = net.decode(net.encode(image[None]), p, lab, input_size=(64, 64))
-        logit = torch.nn.functional.interpolate(low[:, iou[0].argmax()][:, None], size=(64, 64), mode="bilinear")
+        low, iou = net.decode(net.encode(image[None]), p[None], lab[None], input_size=(64, 64))
+        logit = torch.nn.functional.interpolate(low[0, :, iou[0, 0].argmax()][:, None], size=(64, 64), mode="bilinear")
+        # the cell's prompts through the single-tensor forward (what evaluation and deployment run) give the same
+        # logits: the decoder sees each set's clicks plus one padding point, whatever the slots it is stored in
         forward = net(torch.cat([image[None], points_to_guidance(p, lab, (64, 64))], dim=1))
+    assert grid[2, 3] == pytest.approx(dice_iou(logit[0, 0] > 0, target[0])[0], abs=1e-6)
     torch.testing.assert_close(logit, forward, atol=1e-5, rtol=0)
 
 

@@ -137,6 +137,41 @@ def test_clicks_give_a_mask_equal_to_the_bundle_run(server, tmp_path):
     assert np.array_equal(mine > 0, label > 0)
 
 
+def test_clicks_give_sam_predictors_mask(server, tmp_path):
+    """METHOD.md "Tokens": the served mask is what segment_anything.SamPredictor gives on the same weights and clicks
+    (a square image at the model's size, so no resizing comes between)."""
+    import io
+
+    import requests
+    from segment_anything import SamPredictor
+
+    from bundle.export import load_network
+
+    image = (np.random.default_rng(5).random((SIZE, SIZE, 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    r = requests.put(f"{server['url']}/datastore/image", params={"image": "square"},
+                     files={"file": ("square.png", buf.getvalue())}, timeout=60)
+    assert r.status_code == 200, r.text
+    try:
+        clicks = {"foreground": [[10, 20], [50, 30], [33, 40]], "background": [[5, 5]]}
+        r = infer(server, clicks, image="square")
+        assert r.status_code == 200, r.text
+        (tmp_path / "label.png").write_bytes(r.content)
+        served = np.array(Image.open(tmp_path / "label.png")) > 0
+    finally:
+        requests.delete(f"{server['url']}/datastore/image", params={"id": "square"}, timeout=60)
+    net = load_network(server["model_dir"] / "models" / "model.pt", model_size="tiny", image_size=SIZE, lora_rank=0)
+    predictor = SamPredictor(net._sam.eval())
+    predictor.set_image(image)
+    points = np.array(clicks["foreground"] + clicks["background"], np.float32)
+    labels = np.array([1] * 3 + [0])
+    with torch.no_grad():
+        masks, scores, _ = predictor.predict(points, labels, multimask_output=True)
+    assert served.shape == (SIZE, SIZE) and served.any()
+    assert np.array_equal(served, masks[scores.argmax()])
+
+
 @pytest.mark.parametrize(
     "params,raw,status,detail",
     [

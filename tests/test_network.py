@@ -35,11 +35,11 @@ def test_output_shapes_for_each_size(size, image_size, channels):
     with torch.no_grad():
         y = net(x)
         emb = net.encode(x[:, :3])
-        low, iou = net.decode(emb[:1], torch.tensor([[[5.0, 5.0]]]), torch.tensor([[1]]))
+        low, iou = net.decode(emb[:1], torch.tensor([[[[5.0, 5.0]]]]), torch.tensor([[[1]]]))
     assert y.shape == (2, 1, 96, 96)
     grid = image_size // 16
     assert emb.shape == (2, 32 if size == "tiny" else channels, grid, grid)
-    assert low.shape == (1, 3, 4 * grid, 4 * grid) and iou.shape == (1, 3)
+    assert low.shape == (1, 1, 3, 4 * grid, 4 * grid) and iou.shape == (1, 1, 3)
 
 
 def test_single_tensor_contract_matches_trainer_api(tiny_net):
@@ -50,8 +50,8 @@ def test_single_tensor_contract_matches_trainer_api(tiny_net):
         y = net(x)
         for b in range(2):
             points, labels = guidance_to_points(x[b : b + 1, 3:])
-            low, iou = net.decode(net.encode(x[b : b + 1, :3]), points, labels)
-            best = low[0, iou[0].argmax()][None, None]
+            low, iou = net.decode(net.encode(x[b : b + 1, :3]), points[None], labels[None])
+            best = low[0, 0, iou[0, 0].argmax()][None, None]
             assert torch.allclose(y[b : b + 1], F.interpolate(best, size=(64, 64), mode="bilinear"), atol=1e-5)
         # each image's output depends on its own clicks only
         alone = net(x[1:2])
@@ -158,7 +158,7 @@ def test_reference_is_the_initial_model_without_a_copy(tiny_net):
     """After training steps the actor moves, but the reference (adapters off) still equals the initial model."""
     initial = copy.deepcopy(tiny_net)
     x = torch.rand(1, 3, 64, 64)
-    pts, lab = torch.tensor([[[20.0, 20.0]]]), torch.tensor([[1]])
+    pts, lab = torch.tensor([[[[20.0, 20.0]]]]), torch.tensor([[[1]]])
     opt = torch.optim.SGD([p for p in tiny_net.parameters() if p.requires_grad], lr=0.5)
     for _ in range(2):
         opt.zero_grad()

@@ -130,3 +130,58 @@ def test_click_guidance_appends_two_channels():
     assert out["image"][3].sum() == len(positives) and out["image"][4].sum() == 1
     x, y = d["points"][2].int().tolist()
     assert out["image"][4, y, x] == 1
+
+
+def _set_qualities(sampler, points, labels):
+    """What a prompt set actually is: interior or edge positives, how many instances, negatives on look-alikes."""
+    out = []
+    for pts, labs in zip(points, labels):
+        pos = [(int(x), int(y)) for (x, y), lab in zip(pts, labs) if lab == 1]
+        neg = [(int(x), int(y)) for (x, y), lab in zip(pts, labs) if lab == 0]
+        out.append({
+            "interior": all(sampler.depth[y, x] > 1 for x, y in pos),
+            "edge": all(sampler.depth[y, x] <= 1 for x, y in pos),
+            "instances": {int(sampler.inst[y, x]) for x, y in pos},
+            "lookalike": [bool(sampler.lookalike[y, x]) for x, y in neg],
+        })
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_within_one_sample_the_sets_differ_in_quality(seed):
+    """METHOD.md: the N sets of one sample mix interior vs edge, one vs many instances, background vs look-alike
+    negatives -- every sample, not only by chance."""
+    d = TaskTargetd("t1")({"label": _label()})
+    target, inst, lookalike = d["label"][0].numpy() > 0, d["target_inst"][0].numpy(), d["lookalike"][0].numpy() > 0
+    sampler = PromptSampler(target, inst, lookalike)
+    points, labels = sampler.prompt_sets(4, np.random.default_rng(seed))
+    q = _set_qualities(sampler, points, labels)
+    assert any(s["interior"] for s in q) and any(s["edge"] for s in q)
+    assert any(len(s["instances"]) == 1 for s in q) and any(len(s["instances"]) >= 2 for s in q)
+    with_neg = [s["lookalike"] for s in q if s["lookalike"]]
+    hard_sets = [all(n) for n in with_neg]
+    assert sum(hard_sets) <= 2 and len(with_neg) - sum(hard_sets) <= 2  # balanced: at most half of each
+    # a model that segments exactly the clicked objects scores these sets differently against G (all nuclei)
+    clicked = [np.isin(inst, list(s["instances"])) for s in q]
+    ious = [(c & target).sum() / (c | target).sum() for c in clicked]
+    assert len(set(np.round(ious, 6))) > 1
+
+
+def test_the_sets_give_a_network_candidates_to_prefer(tiny_net):
+    """On a fixture the N sets' candidate masks do not all tie, so PO1 mines pairs with a preference."""
+    from bundle.metrics import overlap
+    from bundle.preference import mine_pairs
+
+    d = TaskTargetd("t1")({"label": _label()})
+    t = PromptSetsd(n_sets=4)
+    t.set_random_state(0)
+    out = t(d)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        low, _ = tiny_net.decode(tiny_net.encode(image), out["points"][None].float(), out["point_labels"][None],
+                                 input_size=(32, 32))
+    masks = torch.nn.functional.interpolate(low[0], size=(32, 32), mode="bilinear") > 0
+    iou = overlap(masks, d["label"][0])[1]
+    assert iou.unique().numel() > 1
+    inter, _ = mine_pairs(iou)
+    assert inter.valid.any()

@@ -6,8 +6,11 @@ Two ways in:
   ``x`` is (B, C + 2, H, W): C image channels in [0, 1] then foreground and background click channels
   (see :mod:`bundle.guidance`). The output is (B, 1, H, W) mask logits from the output slot with the highest
   predicted IoU.
-* ``encode`` / ``decode``: the trainer's API. Each image is encoded once; all its prompt sets are decoded in one
-  batched call with ``multimask_output=True`` (M = 3 masks per prompt set).
+* ``encode`` / ``decode``: the trainer's API. Each image is encoded once; the prompt sets of all images are decoded
+  together with ``multimask_output=True`` (M = 3 masks per prompt set).
+
+Both decode each prompt set with its real clicks plus SAM's single padding point, as ``SamPredictor`` does
+(:mod:`bundle.networks.decoding`): the number of click slots a set is stored with never reaches the decoder.
 
 The reference policy is the same network with its adapters disabled (:meth:`reference`): LoRA on the image
 encoder is switched off, and the trainable prompt encoder / mask decoder fall back to their initial weights
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bundle.guidance import guidance_to_points
+from bundle.networks.decoding import best_slot, decode_prompt_sets
 from bundle.networks.lora import add_lora
 from bundle.networks.sam_builder import build_sam, load_sam_checkpoint
 
@@ -118,36 +122,29 @@ class PromptableSAM(nn.Module):
 
     def decode(
         self,
-        embedding: torch.Tensor,
+        embeddings: torch.Tensor,
         points: torch.Tensor,
         labels: torch.Tensor,
         input_size: Optional[Tuple[int, int]] = None,
     ):
-        """Decode N prompt sets of one image.
+        """Decode N prompt sets per image, each as ``SamPredictor`` would (:mod:`bundle.networks.decoding`).
 
         Args:
-            embedding: (1, D, h, w) embedding of one image.
-            points: (N, P, 2) (x, y) pixel coordinates in an image of ``input_size`` (H, W), by default
+            embeddings: (B, D, h, w) image embeddings from :meth:`encode`.
+            points: (B, N, P, 2) (x, y) pixel coordinates in an image of ``input_size`` (H, W), by default
                 ``image_size`` square.
-            labels: (N, P) 1 foreground, 0 background, -1 padding.
+            labels: (B, N, P) 1 foreground, 0 background, -1 no click (padding to a common P; not a token).
             input_size: size of the image the points refer to; they are scaled to ``image_size``.
 
         Returns:
-            low-resolution mask logits (N, 3, 4h, 4w) and predicted IoUs (N, 3).
+            low-resolution mask logits (B, N, 3, 4h, 4w) and predicted IoUs (B, N, 3).
         """
         if input_size is not None:
             h, w = input_size
             scale = torch.tensor([self.image_size / w, self.image_size / h], dtype=points.dtype, device=points.device)
             points = points * scale
         sam = self._sam
-        sparse, dense = sam.prompt_encoder(points=(points, labels), boxes=None, masks=None)
-        return sam.mask_decoder(
-            image_embeddings=embedding,
-            image_pe=sam.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=True,
-        )
+        return decode_prompt_sets(sam.prompt_encoder, sam.mask_decoder, embeddings, points, labels)
 
     # -- single-tensor contract ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,11 +157,5 @@ class PromptableSAM(nn.Module):
             )
         h, w = x.shape[-2:]
         points, labels = guidance_to_points(x[:, self.in_channels :], self.max_points)
-        embeddings = self.encode(x[:, : self.in_channels])
-        out = []
-        for i in range(x.shape[0]):
-            logits, iou = self.decode(embeddings[i : i + 1], points[i : i + 1], labels[i : i + 1], (h, w))
-            best = iou.argmax(dim=1)
-            out.append(logits[torch.arange(logits.shape[0]), best].unsqueeze(1))
-        low = torch.cat(out, dim=0)
-        return F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
+        low, iou = self.decode(self.encode(x[:, : self.in_channels]), points[:, None], labels[:, None], (h, w))
+        return F.interpolate(best_slot(low, iou), size=(h, w), mode="bilinear", align_corners=False)

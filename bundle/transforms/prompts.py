@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 import torch
 from monai.transforms import MapTransform, Randomizable, Transform
 
 from bundle.guidance import points_to_guidance
-from bundle.prompts import PromptSampler, evaluation_points
+from bundle.prompts import PromptSampler, evaluation_points, evaluation_rng
 
 
 class PromptSetsd(Randomizable, Transform):
@@ -49,8 +47,7 @@ class EvalPromptsd(Transform):
 
     def __call__(self, data):
         d = dict(data)
-        key = f"{d.get('name', '')}#{d.get('target_class', 0)}".encode()
-        rng = np.random.default_rng([self.seed, zlib.crc32(key)])
+        rng = evaluation_rng(self.seed, f"{d.get('name', '')}#{d.get('target_class', 0)}")
         points, labels = evaluation_points(_np(d["label"])[0] > 0, self.n_pos, self.n_neg, rng)
         d["points"], d["point_labels"] = torch.from_numpy(points), torch.from_numpy(labels)
         return d
