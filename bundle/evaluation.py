@@ -28,13 +28,15 @@ from monai.transforms import MapTransform
 from torch import nn
 
 from bundle.export import check_state_dict, read_state_dict
-from bundle.metrics import STRATA, count_instances, density_stratum, dice_iou
+from bundle.guidance import guidance_to_points
+from bundle.metrics import STRATA, count_instances, density_stratum, dice_iou, overlap
 from bundle.networks import CheckpointError
+from bundle.networks.decoding import upsample
 
 logger = logging.getLogger(__name__)
 
-ROW_FIELDS = ("name", "target_class", "class_name", "tissue", "n_nuclei", "stratum", "dice", "iou", "pred_fraction",
-              "target_fraction")
+ROW_FIELDS = ("name", "target_class", "class_name", "tissue", "n_nuclei", "stratum", "dice", "iou", "oracle_dice",
+              "pred_fraction", "target_fraction")
 
 
 # -- the network under evaluation ----------------------------------------------------------------------------------
@@ -93,6 +95,17 @@ def policy(network: nn.Module, which: str = "actor") -> nn.Module:
     raise ValueError(f"eval_policy must be 'actor' or 'reference', got {which!r}")
 
 
+@torch.no_grad()
+def slot_dice(network: nn.Module, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Dice of each of the 3 output slots for one evaluator input ``x`` (C + 2, H, W) against ``label``: the
+    slot the IoU head picks is what users get; the best of the three (the "oracle slot") shows what it costs."""
+    c = network.in_channels
+    h, w = x.shape[-2:]
+    points, labels = guidance_to_points(x[None, c:], network.max_points)
+    low, _ = network.decode(network.encode(x[None, :c]), points[:, None], labels[:, None], input_size=(h, w))
+    return overlap(upsample(low[0, 0], (h, w)) > 0, torch.as_tensor(label).reshape(h, w).to(low.device))[0]
+
+
 # -- data ----------------------------------------------------------------------------------------------------------
 class CountNucleid(MapTransform):
     """Write ``n_nuclei``: the number of instances in channel 0 of the raw [instance, class] label.
@@ -148,6 +161,8 @@ def summarise(rows: list[dict], task: str) -> dict:
         "n_images": len({r["name"] for r in rows}),
         "overall": {"dice": _mean(rows, "dice"), "iou": _mean(rows, "iou"), "n": len(rows)},
     }
+    if rows and rows[0].get("oracle_dice") is not None:  # the best of the 3 slots: the IoU head's selection cost
+        summary["overall"]["oracle_dice"] = _mean(rows, "oracle_dice")
     if rows and "pred_fraction" in rows[0]:
         summary["overall"]["pred_fraction"] = _mean(rows, "pred_fraction")
         summary["overall"]["target_fraction"] = _mean(rows, "target_fraction")
@@ -176,7 +191,7 @@ def write_rows(rows: list[dict], path: str) -> str:
 def summary_metrics(summary: dict, prefix: str = "test") -> dict[str, float]:
     """Flat MLflow metrics of a summary: ``test_dice``, ``test_iou``, ``test_dice/class/<name>``, ..."""
     out = {f"{prefix}_dice": summary["overall"]["dice"], f"{prefix}_iou": summary["overall"]["iou"]}
-    for key in ("pred_fraction", "target_fraction"):
+    for key in ("oracle_dice", "pred_fraction", "target_fraction"):
         if key in summary["overall"]:
             out[f"{prefix}_{key}"] = summary["overall"][key]
     for section, tag in (("per_class", "class"), ("per_tissue", "tissue"), ("per_stratum", "stratum")):
@@ -212,6 +227,8 @@ class EvaluationReport:
         classes: ``{"1": "other", ...}`` from the datalist, to name the classes.
         in_channels: image channels before the click channels in the evaluator's input.
         sensitivity: optional :class:`bundle.sensitivity.PromptSensitivity`, fed every item.
+        oracle_slot: also report the Dice of the best of the 3 output slots (:func:`slot_dice`; one more encoder
+            pass per item).
         tracking_uri, experiment_name, run_name: where the MLflow run goes; no tracking when ``tracking_uri`` is
             empty.
         params: parameters logged with the run (checkpoint, task, prompts, ...).
@@ -225,6 +242,7 @@ class EvaluationReport:
         classes: dict | None = None,
         in_channels: int = 3,
         sensitivity=None,
+        oracle_slot: bool = False,
         tracking_uri: str | None = None,
         experiment_name: str = "sampo",
         run_name: str | None = None,
@@ -234,7 +252,7 @@ class EvaluationReport:
         self.artifacts = list(artifacts)
         self.output_dir, self.task, self.in_channels = output_dir, task, in_channels
         self.classes = {int(k): v for k, v in (classes or {}).items()}
-        self.sensitivity = sensitivity
+        self.sensitivity, self.oracle_slot = sensitivity, oracle_slot
         self.tracking_uri, self.experiment_name = tracking_uri, experiment_name
         self.run_name = run_name or f"eval_{task}_{time.strftime('%Y%m%d_%H%M%S')}"
         self.params = params or {}
@@ -269,6 +287,8 @@ class EvaluationReport:
                 "stratum": "" if n_nuclei is None or self.task == "organ" else density_stratum(int(n_nuclei)),
                 "dice": d,
                 "iou": i,
+                "oracle_dice": (float(slot_dice(engine.network, torch.as_tensor(item["image"]).to(engine.state.device),
+                                                out["label"]).max()) if self.oracle_slot else None),
                 # share of the image predicted / annotated as target: shows degenerate all-in / all-out predictions
                 "pred_fraction": float(torch.as_tensor(out["pred"]).float().mean()),
                 "target_fraction": float(torch.as_tensor(out["label"]).float().mean()),
@@ -325,6 +345,7 @@ def _print_summary(summary: dict, output_dir: str, run: str | None, uri: str | N
     o = summary["overall"]
     lines = ["", f"Evaluation ({summary['task']}, {summary['n_items']} items / {summary['n_images']} images): "
                  f"Dice {o['dice']:.4f}  IoU {o['iou']:.4f}"
+                 + (f"  (oracle slot Dice {o['oracle_dice']:.4f})" if "oracle_dice" in o else "")
                  + (f"  (predicted share {o['pred_fraction']:.3f}, target share {o['target_fraction']:.3f})"
                     if "pred_fraction" in o else "")]
     for section in ("per_class", "per_tissue", "per_stratum"):

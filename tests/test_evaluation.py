@@ -196,6 +196,9 @@ def test_evaluate_config_end_to_end(tmp_path):
     t = np.array([float(r["target_fraction"]) for r in rows])
     assert ((t > 0) & (t < 1)).all() and all(0 <= float(r["pred_fraction"]) <= 1 for r in rows)
     assert summary["all_foreground"]["dice"] == pytest.approx(np.mean(2 * t / (1 + t)), abs=1e-5)
+    # the oracle slot (best of the 3 masks) is never worse than the slot the IoU head picks
+    assert all(float(r["oracle_dice"]) >= float(r["dice"]) - 1e-6 for r in rows)
+    assert summary["overall"]["oracle_dice"] == pytest.approx(np.mean([float(r["oracle_dice"]) for r in rows]), abs=1e-5)
 
     # the per-image Dice is the saved network's single-tensor forward on the evaluation input
     from monai.bundle import ConfigParser

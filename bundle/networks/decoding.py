@@ -95,15 +95,14 @@ def decode_prompt_sets(prompt_encoder: nn.Module, mask_decoder: nn.Module, embed
     points, labels = compact(points.reshape(b * n, p, 2), labels.reshape(b * n, p))
     image = torch.arange(b, device=embeddings.device).repeat_interleave(n)
     counts = click_counts(labels)
-    masks, ious = [], []
-    order = []
+    masks, ious, order = [], [], []
     for k in torch.unique(counts).tolist():
         sets = torch.nonzero(counts == k).flatten()
         if k:
             sparse = embed_points(prompt_encoder, points[sets, :k], labels[sets, :k])
         else:  # no click at all: SamPredictor passes no points, so no padding token either
             sparse = embeddings.new_zeros((len(sets), 0, embeddings.shape[1]))
-        m, i = predict_masks(prompt_encoder, mask_decoder, embeddings[image[sets.to(image.device)]], sparse)
+        m, i = predict_masks(prompt_encoder, mask_decoder, embeddings[image[sets]], sparse)
         masks.append(m)
         ious.append(i)
         order.append(sets)
