@@ -14,7 +14,6 @@ MLflow run.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import time
@@ -28,6 +27,7 @@ from monai.transforms import MapTransform
 from torch import nn
 
 from bundle.export import check_state_dict, read_state_dict
+from bundle.io import atomic_write, save_json
 from bundle.metrics import STRATA, count_instances, density_stratum, dice_iou
 from bundle.networks import CheckpointError
 
@@ -164,8 +164,8 @@ def summarise(rows: list[dict], task: str) -> dict:
 
 
 def write_rows(rows: list[dict], path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
+    """One CSV row per item (``ROW_FIELDS``), written atomically."""
+    with atomic_write(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=ROW_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
@@ -290,16 +290,13 @@ class EvaluationReport:
             self.summary["sensitivity"] = sens_summary
             files += sens_files
             metrics.update({f"sensitivity_{k}": v for k, v in sens_summary.items() if isinstance(v, float)})
-        summary_path = os.path.join(self.output_dir, "summary.json")
-        with open(summary_path, "w") as f:
-            json.dump(self.summary, f, indent=1, default=str)
+        summary_path = save_json(self.summary, os.path.join(self.output_dir, "summary.json"), default=str)
         files.insert(1, summary_path)
         files += [a for a in self.artifacts if os.path.isfile(a)]
         if self.tracking_uri:
             self.run_id = self._log(metrics, files)
             self.summary["mlflow_run_id"] = self.run_id
-            with open(summary_path, "w") as f:
-                json.dump(self.summary, f, indent=1, default=str)
+            save_json(self.summary, summary_path, default=str)
         _print_summary(self.summary, self.output_dir, self.run_name if self.tracking_uri else None, self.tracking_uri)
 
     def _log(self, metrics: dict, files: list[str]) -> str:

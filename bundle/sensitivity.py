@@ -148,7 +148,9 @@ def grid_stats(grid: np.ndarray) -> dict:
 
 
 def write_grid_csv(grid: np.ndarray, path: str) -> str:
-    with open(path, "w", newline="") as f:
+    from bundle.io import atomic_write
+
+    with atomic_write(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["n_pos \\ n_neg"] + [str(j) for j in range(grid.shape[1])])
         for i, row in enumerate(grid):
@@ -174,7 +176,7 @@ def _colour(v: float) -> tuple[int, int, int]:
 
 
 def write_heatmap(grid: np.ndarray, path: str, title: str = "Dice vs number of prompts") -> str:
-    """Heatmap PNG of a Dice grid with the value in every cell and labelled axes (PIL only)."""
+    """Heatmap PNG of a Dice grid with the value in every cell and labelled axes (PIL only); written atomically."""
     from PIL import Image, ImageDraw, ImageFont
 
     rows, cols = grid.shape
@@ -199,8 +201,9 @@ def write_heatmap(grid: np.ndarray, path: str, title: str = "Dice vs number of p
     label = Image.new("RGB", (120, 14), "white")
     ImageDraw.Draw(label).text((0, 0), "positive points", fill="black", font=font)
     img.paste(label.rotate(90, expand=True), (4, top + rows * cell // 2 - 60))
-    img.save(path)
-    return path
+    from bundle.io import save_png
+
+    return save_png(img, path)
 
 
 def write_card(path: str, summary: dict, grid: np.ndarray, stats: dict, heatmap: str) -> str:
@@ -232,6 +235,8 @@ def write_card(path: str, summary: dict, grid: np.ndarray, stats: dict, heatmap:
         "|---" * (grid.shape[1] + 1) + "|",
     ]
     lines += [f"| {i + 1} | " + " | ".join(f"{v:.3f}" for v in row) + " |" for i, row in enumerate(grid)]
-    with open(path, "w") as f:
+    from bundle.io import atomic_write
+
+    with atomic_write(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
