@@ -112,15 +112,29 @@ class CountNucleid(MapTransform):
 
 
 def subset(items: Sequence[dict], max_images: int | None = None) -> list[dict]:
-    """The items of the first ``max_images`` distinct images (with all their classes); all items when None."""
+    """The items of ``max_images`` distinct images (with all their classes), spread over the source images; all
+    items when None.
+
+    Images are taken round-robin over the sources (``source``, else the image's own name) in the order they first
+    appear: the first image of every source, then the second of every source, ... so that N tiles of a tiled
+    dataset come from N different source images when there are that many. Items keep their order.
+    """
     if max_images is None:
         return list(items)
-    names = []
+    if int(max_images) < 1:
+        raise ValueError(f"eval_max_images must be a positive number of images or null (all), got {max_images!r}")
+    by_source: dict[str, list[str]] = {}
+    seen = set()
     for item in items:
-        if item["name"] not in names:
-            names.append(item["name"])
-    keep = set(names[: int(max_images)])
-    return [item for item in items if item["name"] in keep]
+        if item["name"] not in seen:
+            seen.add(item["name"])
+            by_source.setdefault(str(item.get("source", item["name"])), []).append(item["name"])
+    keep: list[str] = []
+    queues = list(by_source.values())
+    for rank in range(max(map(len, queues), default=0)):
+        keep += [q[rank] for q in queues if rank < len(q)]
+    keep_set = set(keep[: int(max_images)])
+    return [item for item in items if item["name"] in keep_set]
 
 
 # -- results -------------------------------------------------------------------------------------------------------
