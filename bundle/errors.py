@@ -10,20 +10,43 @@ and appends the innermost cause as the last line.
 
 from __future__ import annotations
 
+import os
 import sys
 
 _MARK = "_sampo_root_cause_hook"
 
 
-def root_cause(exc: BaseException) -> BaseException:
-    """The innermost exception of ``exc``'s chain (explicit ``__cause__`` first, then unsuppressed context)."""
-    seen = {id(exc)}
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bundle/ and scripts/ live here
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and its causes, outermost first (explicit ``__cause__``, else unsuppressed ``__context__``)."""
+    out, seen = [exc], {id(exc)}
     while True:
         nxt = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
         if nxt is None or id(nxt) in seen:
-            return exc
+            return out
         seen.add(id(nxt))
+        out.append(nxt)
         exc = nxt
+
+
+def _raised_by_project(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    path = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    return path.startswith(PACKAGE_ROOT + os.sep) and os.sep + "site-packages" + os.sep not in path
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception of ``exc``'s chain raised by this project's code (its message says what is wrong in
+    the bundle's terms), else the innermost one."""
+    chain = _chain(exc)
+    ours = [e for e in chain if _raised_by_project(e)]
+    return ours[-1] if ours else chain[-1]
 
 
 def _hook(previous):

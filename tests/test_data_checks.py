@@ -91,3 +91,53 @@ def test_image_with_five_channels_names_the_file(tmp_path):
 
     with pytest.raises(ValueError, match=r"x.tif: an image needs 1 \(grey\), 3 \(RGB\) or 4 \(RGBA\) channels, got 5"):
         EnsureRGBd("image")({"image": np.zeros((5, 4, 4)), "image_meta_dict": {"filename_or_obj": "x.tif"}})
+
+
+def test_missing_empty_and_misshapen_files_name_the_file(tmp_path):
+    load = _load()
+    with pytest.raises(RuntimeError) as e:
+        load({"image": str(tmp_path / "nothere.png"), "label": _label(tmp_path / "l.npy")})
+    assert isinstance(e.value.__cause__, FileNotFoundError) and "nothere.png (check the datalist entry)" in str(e.value.__cause__)
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(RuntimeError) as e:
+        load({"image": str(tmp_path / "empty.png"), "label": _label(tmp_path / "l.npy")})
+    assert "cannot read" in str(e.value.__cause__) and "cannot identify image file" in str(e.value.__cause__)
+    np.save(tmp_path / "hw.npy", np.zeros((32, 32), np.int32))
+    with pytest.raises(RuntimeError) as e:
+        load({"image": _png(tmp_path / "a.png"), "label": str(tmp_path / "hw.npy")})
+    assert "hw.npy has shape (32, 32); expected (2, H, W)" in str(e.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"training": []}, "no training items"),
+        ({"training": {"image": "a"}}, "'training' must be a list"),
+        ({"training": ["images/a.png"]}, r"training\[0\] must be an object"),
+        ({"training": [{"image": None, "label": "l.npy"}]}, r"training\[0\]\['image'\] must be a file path"),
+    ],
+)
+def test_malformed_datalists_say_what_is_wrong(tmp_path, data, match):
+    import json
+
+    from bundle.data.datalist import load_datalist
+
+    (tmp_path / "d.json").write_text(json.dumps({"task_family": "nuclei", "classes": {"1": "a"}, **data}))
+    with pytest.raises(ValueError, match=match):
+        load_datalist(tmp_path / "d.json", "training")
+    (tmp_path / "d.json").write_text("[]")
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        load_datalist(tmp_path / "d.json", "training")
+
+
+def test_inference_refuses_an_image_with_nan(tmp_path):
+    import torch
+    from monai.data import MetaTensor
+
+    from bundle.inference import PromptImaged, PromptInputError
+
+    img = torch.zeros(1, 16, 16)
+    img[0, 3, 3] = float("nan")
+    with pytest.raises(PromptInputError, match=r"ct.nii.gz: 1 NaN and 0 infinite values in the image"):
+        PromptImaged("image", image_size=16)({"image": MetaTensor(img, meta={"filename_or_obj": "ct.nii.gz"}),
+                                              "clicks": {"foreground": [[2, 2]]}})

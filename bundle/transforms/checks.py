@@ -14,6 +14,8 @@ label silently resized on its own.
 from __future__ import annotations
 
 import logging
+import os
+import re
 from collections.abc import Hashable, Mapping
 
 import numpy as np
@@ -59,17 +61,23 @@ class LoadImaged(_MonaiLoadImaged):
     """``monai.transforms.LoadImaged`` that names the file and the reader's reason when a file cannot be read."""
 
     def __call__(self, data, reader=None):
+        for key in self.key_iterator(dict(data)):
+            value = data[key]
+            if isinstance(value, (str, os.PathLike)) and not os.path.exists(value):
+                raise FileNotFoundError(f"{key} file not found: {os.fspath(value)} (check the datalist entry)")
         try:
             return super().__call__(data, reader)
         except Exception as e:
             keys = [k for k in self.keys if k in data]
             files = ", ".join(file_of(data, k) for k in keys) or "?"
             reason = str(e).strip()
-            if "cannot find a suitable reader" in reason:  # MONAI folds the reader's traceback into its message
-                reason = [line for line in reason.splitlines() if line.strip()][-1].strip()
+            if "cannot find a suitable reader" in reason:
+                # MONAI folds every tried reader's traceback into its message, the configured reader's first
+                found = re.search(r"^(?!Traceback)[A-Za-z_][\w.]*(?:Error|Exception)\b.*$", reason, flags=re.M)
+                reason = found.group(0) if found else reason.splitlines()[0]
             else:
                 reason = f"{type(e).__name__}: {reason}"
-            raise ValueError(f"cannot read {files}: {reason}") from e
+            raise ValueError(f"cannot read {files}: {reason}") from None  # the reason is in the message
 
 
 class EnsureRGBd(MapTransform):
@@ -102,19 +110,29 @@ class EnsureRGBd(MapTransform):
 
 
 class CheckImageLabeld(MapTransform):
-    """Refuse an item whose label has another spatial size than its image, or whose image / label hold NaN / inf.
+    """Refuse an item whose label has another spatial size than its image, whose image / label hold NaN / inf, or
+    whose label does not have ``label_channels`` channels (None: any).
 
     Both are channel-first; the spatial size is everything after the channel axis. Errors name both files.
     """
 
-    def __init__(self, image_key: str = "image", label_key: str = "label", allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, image_key: str = "image", label_key: str = "label", label_channels: int | None = 2,
+        allow_missing_keys: bool = False,
+    ) -> None:
         super().__init__([image_key, label_key], allow_missing_keys)
-        self.image_key, self.label_key = image_key, label_key
+        self.image_key, self.label_key, self.label_channels = image_key, label_key, label_channels
 
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
             check_finite(d[key], f"{key} file {file_of(d, key)}")
+        label = d.get(self.label_key)
+        if self.label_channels and label is not None and (label.ndim != 3 or label.shape[0] != self.label_channels):
+            raise ValueError(
+                f"label {file_of(d, self.label_key)} has shape {tuple(label.shape)}; expected ({self.label_channels}, "
+                "H, W): the [instance map, class map] of docs/DATA_CONTRACT.md (re-run the preparation script)"
+            )
         if self.image_key in d and self.label_key in d:
             image, label = d[self.image_key], d[self.label_key]
             if tuple(image.shape[1:]) != tuple(label.shape[1:]):
