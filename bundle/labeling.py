@@ -41,7 +41,8 @@ class MaskToLabelMapsd(MapTransform):
                 instances[comp > 0] = comp[comp > 0] + offset
                 offset += n
             maps = torch.from_numpy(np.stack([instances, classes]))
-            d[key] = MetaTensor(maps, meta=d[key].meta) if isinstance(d[key], MetaTensor) else maps  # keeps the file name
+            # a MetaTensor keeps the file name for the load-time checks' messages
+            d[key] = MetaTensor(maps, meta=d[key].meta) if isinstance(d[key], MetaTensor) else maps
         return d
 
 

@@ -183,7 +183,9 @@ def prepare_consep(
             inst, types, top_type = read_label(label_path, type_scheme)
             max_type = max(max_type, top_type)
             if image.shape[:2] != inst.shape:
-                raise ValueError(f"{image_path}: image size {image.shape[:2]} != label size {inst.shape} in {label_path}")
+                raise ValueError(
+                    f"{image_path}: image size {image.shape[:2]} != label size {inst.shape} in {label_path}"
+                )
             try:
                 ys, xs = tile_offsets(inst.shape[0], tile_size, stride), tile_offsets(inst.shape[1], tile_size, stride)
             except ValueError as e:

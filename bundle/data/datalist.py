@@ -56,7 +56,9 @@ def load_datalist(path: str | os.PathLike, split: str, fraction: int = 100, task
     items = []
     for i, entry in enumerate(data[split]):
         if not isinstance(entry, dict):
-            raise ValueError(f"{path}: {split}[{i}] must be an object {{'image': ..., 'label': ...}}, got {entry!r:.80}")
+            raise ValueError(
+                f"{path}: {split}[{i}] must be an object {{'image': ..., 'label': ...}}, got {entry!r:.80}"
+            )
         for key in ("image", "label"):
             if key not in entry:
                 raise ValueError(f"{path}: {split}[{i}] has no '{key}'")

@@ -260,7 +260,9 @@ def prepare_synapse(
             "input_format": "npz" if use_npz else "nifti",
             "label_mapping": mapping,
             "intensity": "HU from [0,1] npz: -125 + 400 * x" if use_npz else "HU",
-            "orientation": "as stored" if use_npz else "RAS+ reoriented, radiological display (volume[::-1, ::-1, k].T)",
-            "patients": {s: sorted(p for p, v in split_of.items() if v == s) for s in ("training", "validation", "test")},
+            "orientation": "as stored" if use_npz
+            else "RAS+ reoriented, radiological display (volume[::-1, ::-1, k].T)",
+            "patients": {s: sorted(p for p, v in split_of.items() if v == s)
+                         for s in ("training", "validation", "test")},
         }
         return writer.finish(seed, info)
