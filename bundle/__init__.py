@@ -7,3 +7,8 @@ import os
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 __version__ = "0.1.0"
+
+# an uncaught error ends with the bundle's own message, not with monai.bundle's "Failed to evaluate ..." wrapper
+from bundle.errors import install_excepthook  # noqa: E402
+
+install_excepthook()

@@ -14,7 +14,6 @@ MLflow run.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import time
@@ -29,6 +28,7 @@ from torch import nn
 
 from bundle.export import check_state_dict, read_state_dict
 from bundle.guidance import guidance_to_points
+from bundle.io import atomic_write, save_json
 from bundle.metrics import STRATA, count_instances, density_stratum, dice_iou, overlap
 from bundle.networks import CheckpointError
 from bundle.networks.decoding import upsample
@@ -125,15 +125,29 @@ class CountNucleid(MapTransform):
 
 
 def subset(items: Sequence[dict], max_images: int | None = None) -> list[dict]:
-    """The items of the first ``max_images`` distinct images (with all their classes); all items when None."""
+    """The items of ``max_images`` distinct images (with all their classes), spread over the source images; all
+    items when None.
+
+    Images are taken round-robin over the sources (``source``, else the image's own name) in the order they first
+    appear: the first image of every source, then the second of every source, ... so that N tiles of a tiled
+    dataset come from N different source images when there are that many. Items keep their order.
+    """
     if max_images is None:
         return list(items)
-    names = []
+    if int(max_images) < 1:
+        raise ValueError(f"eval_max_images must be a positive number of images or null (all), got {max_images!r}")
+    by_source: dict[str, list[str]] = {}
+    seen = set()
     for item in items:
-        if item["name"] not in names:
-            names.append(item["name"])
-    keep = set(names[: int(max_images)])
-    return [item for item in items if item["name"] in keep]
+        if item["name"] not in seen:
+            seen.add(item["name"])
+            by_source.setdefault(str(item.get("source", item["name"])), []).append(item["name"])
+    keep: list[str] = []
+    queues = list(by_source.values())
+    for rank in range(max(map(len, queues), default=0)):
+        keep += [q[rank] for q in queues if rank < len(q)]
+    keep_set = set(keep[: int(max_images)])
+    return [item for item in items if item["name"] in keep_set]
 
 
 # -- results -------------------------------------------------------------------------------------------------------
@@ -179,8 +193,8 @@ def summarise(rows: list[dict], task: str) -> dict:
 
 
 def write_rows(rows: list[dict], path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
+    """One CSV row per item (``ROW_FIELDS``), written atomically."""
+    with atomic_write(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=ROW_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
@@ -310,16 +324,13 @@ class EvaluationReport:
             self.summary["sensitivity"] = sens_summary
             files += sens_files
             metrics.update({f"sensitivity_{k}": v for k, v in sens_summary.items() if isinstance(v, float)})
-        summary_path = os.path.join(self.output_dir, "summary.json")
-        with open(summary_path, "w") as f:
-            json.dump(self.summary, f, indent=1, default=str)
+        summary_path = save_json(self.summary, os.path.join(self.output_dir, "summary.json"), default=str)
         files.insert(1, summary_path)
         files += [a for a in self.artifacts if os.path.isfile(a)]
         if self.tracking_uri:
             self.run_id = self._log(metrics, files)
             self.summary["mlflow_run_id"] = self.run_id
-            with open(summary_path, "w") as f:
-                json.dump(self.summary, f, indent=1, default=str)
+            save_json(self.summary, summary_path, default=str)
         _print_summary(self.summary, self.output_dir, self.run_name if self.tracking_uri else None, self.tracking_uri)
 
     def _log(self, metrics: dict, files: list[str]) -> str:

@@ -12,6 +12,8 @@
   the TorchScript output against the eager network on several batch sizes and click counts.
 * :func:`export_bundle` does both from a training network or checkpoint; :class:`ExportBundle` is the Ignite
   handler that runs it at the end of training and logs the files to the training's MLflow run.
+* Both files are written atomically (:mod:`bundle.io`): a failed write (e.g. a full disk) raises naming the file
+  and the reason and leaves the previous ``model.pt`` / ``model.ts`` as they were.
 
 Command line: ``python scripts/export.py --help``.
 """
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 
 from bundle.guidance import points_to_guidance
+from bundle.io import atomic_torch_save, atomic_write
 from bundle.networks import SAM_SIZES, CheckpointError, PromptableSAM
 from bundle.traceable import script_network
 
@@ -216,12 +219,12 @@ def export_torchscript(
         diff = verify_torchscript(ts, net)
         logger.info("TorchScript matches the eager network (max |diff| %.3g)", diff)
     filepath = os.fspath(filepath)
-    os.makedirs(os.path.dirname(os.path.abspath(filepath)), exist_ok=True)
     extra = {"inference.json": json.dumps(dict(inference_config)).encode()} if inference_config is not None else None
-    save_net_with_metadata(
-        ts, filepath, include_config_vals=False, append_timestamp=False, meta_values=dict(metadata or {}),
-        more_extra_files=extra,
-    )
+    with atomic_write(filepath, "wb") as f:  # a failed write keeps the previous model.ts
+        save_net_with_metadata(
+            ts, f, include_config_vals=False, append_timestamp=False, meta_values=dict(metadata or {}),
+            more_extra_files=extra,
+        )
     if verify:  # what is on disk, as a client loads it
         loaded = torch.jit.load(filepath, map_location="cpu")
         verify_torchscript(loaded, net)
@@ -283,9 +286,7 @@ def export_bundle(
             ref, out = net.eval()(x.to(next(net.parameters()).device)).cpu(), merged(x)
         if not torch.allclose(ref, out, rtol=1e-3, atol=1e-3):
             raise RuntimeError(f"merged network differs from the LoRA network (max |diff| {(ref - out).abs().max():.3g})")
-    os.makedirs(output_dir, exist_ok=True)
-    pt = os.path.join(output_dir, "model.pt")
-    torch.save(merged.state_dict(), pt)
+    pt = atomic_torch_save(merged.state_dict(), os.path.join(output_dir, "model.pt"))
     meta, infer = bundle_configs(bundle_root, merged.model_size, merged.image_size, merged.in_channels)
     ts = export_torchscript(merged, os.path.join(output_dir, "model.ts"), meta, infer, verify=verify)
     out = {"model.pt": pt, "model.ts": ts}

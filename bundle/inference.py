@@ -305,6 +305,11 @@ class PromptImaged(MapTransform):
             meta = _meta(img)
             name = _filename(meta) or key
             arr = np.asarray(img.detach().cpu() if isinstance(img, torch.Tensor) else img)
+            if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+                raise PromptInputError(
+                    f"{name}: {int(np.isnan(arr).sum())} NaN and {int(np.isinf(arr).sum())} infinite values in the "
+                    "image; it must hold finite numbers"
+                )
             fg, bg, given_slice = self._clicks(d, meta, name)
             if not fg:
                 raise PromptInputError(f"{name}: no foreground click; give at least one 'foreground' [x, y] click")

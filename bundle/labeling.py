@@ -14,6 +14,7 @@ import copy
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from scipy import ndimage
 
@@ -39,16 +40,22 @@ class MaskToLabelMapsd(MapTransform):
                 comp, n = ndimage.label(classes == c)
                 instances[comp > 0] = comp[comp > 0] + offset
                 offset += n
-            d[key] = torch.from_numpy(np.stack([instances, classes]))
+            maps = torch.from_numpy(np.stack([instances, classes]))
+            # a MetaTensor keeps the file name for the load-time checks' messages
+            d[key] = MetaTensor(maps, meta=d[key].meta) if isinstance(d[key], MetaTensor) else maps
         return d
+
+
+LOADERS = ("LoadImaged", "monai.transforms.LoadImaged", "bundle.transforms.checks.LoadImaged")
 
 
 def datastore_label_loader(load: list) -> list:
     """A copy of a training config's ``load`` transforms list reading ``label`` as a PNG mask, not a ``.npy``."""
     out = []
     for t in copy.deepcopy(load):
-        if isinstance(t, dict) and t.get("_target_") == "LoadImaged" and t.get("keys") in ("label", ["label"]):
-            out.append({"_target_": "LoadImaged", "keys": "label", "reader": "PILReader", "reverse_indexing": False,
+        target = t.get("_target_") if isinstance(t, dict) else None
+        if target in LOADERS and t.get("keys") in ("label", ["label"]):
+            out.append({"_target_": target, "keys": "label", "reader": "PILReader", "reverse_indexing": False,
                         "image_only": True, "ensure_channel_first": True})
             out.append({"_target_": "bundle.labeling.MaskToLabelMapsd", "keys": "label"})
         else:

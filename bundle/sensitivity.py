@@ -128,7 +128,9 @@ def grid_stats(grid: np.ndarray) -> dict:
 
 
 def write_grid_csv(grid: np.ndarray, path: str) -> str:
-    with open(path, "w", newline="") as f:
+    from bundle.io import atomic_write
+
+    with atomic_write(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["n_pos \\ n_neg"] + [str(j) for j in range(grid.shape[1])])
         for i, row in enumerate(grid):
@@ -154,12 +156,15 @@ def _colour(v: float) -> tuple[int, int, int]:
 
 
 def write_heatmap(grid: np.ndarray, path: str, title: str = "Dice vs number of prompts") -> str:
-    """Heatmap PNG of a Dice grid with the value in every cell and labelled axes (PIL only)."""
+    """Heatmap PNG of a Dice grid with the value in every cell, labelled axes and a colour scale (Dice 0 .. 1 with
+    ticks at every 0.25) right of the grid (PIL only); written atomically."""
     from PIL import Image, ImageDraw, ImageFont
 
+    from bundle.io import save_png
+
     rows, cols = grid.shape
-    cell, left, top, bottom, right = 44, 70, 40, 50, 20
-    width, height = left + cols * cell + right, top + rows * cell + bottom
+    cell, left, top, bottom, bar, bar_gap, right = 44, 70, 40, 50, 16, 16, 60
+    width, height = left + cols * cell + bar_gap + bar + right, top + rows * cell + bottom
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default()
@@ -179,8 +184,17 @@ def write_heatmap(grid: np.ndarray, path: str, title: str = "Dice vs number of p
     label = Image.new("RGB", (120, 14), "white")
     ImageDraw.Draw(label).text((0, 0), "positive points", fill="black", font=font)
     img.paste(label.rotate(90, expand=True), (4, top + rows * cell // 2 - 60))
-    img.save(path)
-    return path
+    # colour scale: Dice 1 at the top of the grid, 0 at its bottom
+    x0, y0, y1 = left + cols * cell + bar_gap, top, top + rows * cell - 1
+    for y in range(y0, y1 + 1):
+        draw.line([(x0, y), (x0 + bar - 1, y)], fill=_colour(1.0 - (y - y0) / max(1, y1 - y0)))
+    draw.rectangle([x0, y0, x0 + bar - 1, y1], outline="black")
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        y = int(round(y1 - tick * (y1 - y0)))
+        draw.line([(x0 + bar, y), (x0 + bar + 3, y)], fill="black")
+        draw.text((x0 + bar + 6, y - 5), f"{tick:.2f}", fill="black", font=font)
+    draw.text((x0 - 2, top - 14), "Dice", fill="black", font=font)
+    return save_png(img, path)
 
 
 def write_card(path: str, summary: dict, grid: np.ndarray, stats: dict, heatmap: str) -> str:
@@ -212,6 +226,8 @@ def write_card(path: str, summary: dict, grid: np.ndarray, stats: dict, heatmap:
         "|---" * (grid.shape[1] + 1) + "|",
     ]
     lines += [f"| {i + 1} | " + " | ".join(f"{v:.3f}" for v in row) + " |" for i, row in enumerate(grid)]
-    with open(path, "w") as f:
+    from bundle.io import atomic_write
+
+    with atomic_write(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path

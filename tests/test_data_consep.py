@@ -229,3 +229,57 @@ def test_shared_consep_read_as_seven_types_is_an_error(tmp_path):
             (tmp_path / "c" / split / sub / f"{stem}.{ext}").symlink_to(SHARED_CONSEP / split / sub / f"{stem}.{ext}")
     with pytest.raises(ValueError, match="use type_scheme 4"):
         prepare_consep(tmp_path / "c", tmp_path / "o", type_scheme=7, val_fraction=0.0, progress=False)
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_failed_preparation_leaves_the_existing_output_unchanged(tmp_path):
+    """The issue's case: a wrong --type_scheme 7 run into an existing output fails without touching it."""
+    root = tmp_path / "CoNSeP4"
+    for split in ("Train", "Test"):
+        _write_item(root / split, f"{split.lower()}_1", seed=1, scheme=4)
+    script = str(ROOT / "scripts" / "prepare_consep.py")
+    out = tmp_path / "o"
+    base = [sys.executable, script, "--input", str(root), "--output", str(out), "--tile_size", str(TILE),
+            "--val_fraction", "0"]
+    subprocess.run(base + ["--type_scheme", "4"], capture_output=True, cwd=tmp_path, check=True)
+    before = _snapshot(out)
+    assert "datalist.json" in before and len(before) > 3
+    run = subprocess.run(base + ["--type_scheme", "7"], capture_output=True, text=True, encoding="utf-8",
+                         errors="replace", cwd=tmp_path)
+    assert run.returncode != 0 and "use type_scheme 4" in run.stderr
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CoNSeP4", "o"], "a temporary folder was left behind"
+
+
+def test_successful_rerun_replaces_the_output_as_a_whole(consep_root, tmp_path):
+    prepare_consep(consep_root, tmp_path / "o", tile_size=TILE, progress=False)
+    prepare_consep(consep_root, tmp_path / "o", tile_size=SIZE, progress=False)  # one tile per image now
+    names = {p.stem for p in (tmp_path / "o" / "images").iterdir()}
+    assert names == {f"train_{i}" for i in range(1, 6)} | {"test_1", "test_2"}  # no tile of the first run is left
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"type_scheme": 5}, "type_scheme must be 7 .* or 4"),
+        ({"tile_size": 0}, "tile_size must be an integer >= 1, got 0"),
+        ({"stride": -3}, "stride must be an integer >= 1, got -3"),
+        ({"val_fraction": 1.5}, r"val_fraction must be in \[0, 1\), got 1.5"),
+        ({"source_pattern": "(.+)"}, r"needs a named group \(\?P<source>"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_is_written(consep_root, tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        prepare_consep(consep_root, tmp_path / "o", progress=False, **kwargs)
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_that_is_not_a_prepared_dataset_is_refused(consep_root, tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds \['notes.txt'\], so it is not a prepared dataset"):
+        prepare_consep(consep_root, tmp_path / "o", tile_size=TILE, progress=False)
+    assert (tmp_path / "o" / "notes.txt").read_text() == "mine"

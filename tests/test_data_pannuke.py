@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bundle.data.datalist import load_datalist
-from bundle.data.pannuke import TISSUES, merge_masks, prepare_pannuke
+from bundle.data.pannuke import TISSUES, find_fold_dirs, merge_masks, prepare_pannuke
 
 ROOT = Path(__file__).resolve().parents[1]
 H = W = 16
@@ -144,3 +144,16 @@ def test_missing_fold_file_and_folds(tmp_path):
         prepare_pannuke({1: base}, tmp_path / "o", progress=False)
     with pytest.raises(ValueError, match="a fold is used in two splits"):
         prepare_pannuke({1: base}, tmp_path / "o", train=(1,), val=(1,), test=(), progress=False)
+
+
+def test_nan_image_is_refused_naming_the_fold_file_and_the_output_is_kept(pannuke_root, tmp_path):
+    folds = find_fold_dirs(pannuke_root)
+    first = prepare_pannuke(folds, tmp_path / "o", progress=False).read_bytes()
+    images = _fold_arrays(3)[0]
+    images[2, 5, 5, 1] = np.nan
+    _write_fold(tmp_path / "bad", 3, images=images)
+    folds[3] = tmp_path / "bad" / "Fold 3"
+    with pytest.raises(ValueError, match=r"Fold 3 images.npy\[2\]: 1 NaN and 0 infinite values"):
+        prepare_pannuke(folds, tmp_path / "o", progress=False)
+    assert (tmp_path / "o" / "datalist.json").read_bytes() == first
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "a temporary folder was left behind"

@@ -219,3 +219,20 @@ def test_shared_ct_converts_and_windows(tmp_path):
     windowed = CTWindowd("image", window="synapse")({"image": hu[None]})["image"][0]
     assert float(windowed[row, col]) == pytest.approx((float(hu_raw[i, j, k]) + 125) / 400, abs=1e-6)
     assert float(windowed.min()) == 0.0 and float(windowed.max()) == 1.0  # clipped: the slice spans beyond the window
+
+
+def test_nan_in_npz_or_nifti_is_refused_naming_the_file(tmp_path):
+    image = np.zeros((4, 4), np.float32)
+    image[1, 1] = np.nan
+    (tmp_path / "n").mkdir()
+    np.savez(tmp_path / "n" / "case0001_slice000.npz", image=image, label=np.ones((4, 4)))
+    with pytest.raises(ValueError, match=r"case0001_slice000.npz 'image': 1 NaN and 0 infinite values"):
+        prepare_synapse(tmp_path / "o", tmp_path / "n", progress=False)
+    vol, label = _volumes(1)
+    vol = vol.astype(np.float32)
+    vol[0, 0, 0] = np.inf
+    nib.save(nib.Nifti1Image(vol, RAS), tmp_path / "ct.nii.gz")
+    nib.save(nib.Nifti1Image(label, RAS), tmp_path / "lab.nii.gz")
+    with pytest.raises(ValueError, match=r"image .*ct.nii.gz: 0 NaN and 1 infinite HU values"):
+        prepare_synapse(tmp_path / "o", pairs=[(tmp_path / "ct.nii.gz", tmp_path / "lab.nii.gz")], progress=False)
+    assert not (tmp_path / "o").exists()

@@ -98,6 +98,19 @@ def test_heatmap_png_and_csv(tmp_path):
     assert img[40 + 5, 70 + 5].sum() < 250 and img[40 + 9 * 44 + 40, 70 + 10 * 44 + 40].sum() > 450
 
 
+def test_heatmap_has_a_colour_scale(tmp_path):
+    """Right of the grid a vertical bar runs from Dice 1 (yellow, top) to Dice 0 (dark purple, bottom)."""
+    from bundle.sensitivity import _colour
+
+    img = np.asarray(Image.open(write_heatmap(np.full((3, 4), 0.5), str(tmp_path / "h.png"))).convert("RGB")).astype(int)
+    top, bottom = 40, 40 + 3 * 44 - 1
+    right = img[top + 2 : bottom - 2, 70 + 4 * 44 :]  # everything right of the grid
+    bar = [x for x in range(right.shape[1]) if len({tuple(p) for p in right[:, x]}) > 20]  # a colour ramp column
+    assert bar, "no colour scale right of the grid"
+    column = img[:, 70 + 4 * 44 + bar[len(bar) // 2]]
+    assert np.abs(column[top + 2] - _colour(1.0)).sum() < 30 and np.abs(column[bottom - 2] - _colour(0.0)).sum() < 30
+
+
 # -- grouping ---------------------------------------------------------------------------------------------------------
 def test_summary_groups_list_exactly_what_is_present():
     rows = [
@@ -119,6 +132,15 @@ def test_subset_keeps_all_classes_of_the_first_images():
     items = [{"name": n, "target_class": c} for n, c in (("a", 1), ("a", 2), ("b", 1), ("c", 3))]
     assert subset(items, 2) == items[:3]
     assert subset(items, None) == items
+
+
+def test_subset_spreads_the_images_over_source_images():
+    """Tiles of three source images, listed source by source: 3 images come from 3 sources, 4 from 3 too."""
+    items = [{"name": f"s{s}_{k:03d}", "source": f"s{s}", "target_class": 1} for s in range(3) for k in range(4)]
+    assert {i["source"] for i in subset(items, 3)} == {"s0", "s1", "s2"}
+    assert [i["name"] for i in subset(items, 4)] == ["s0_000", "s0_001", "s1_000", "s2_000"]
+    with pytest.raises(ValueError, match="eval_max_images must be a positive number of images or null"):
+        subset(items, 0)
 
 
 # -- networks -------------------------------------------------------------------------------------------------------

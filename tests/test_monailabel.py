@@ -60,6 +60,10 @@ def server(tmp_path_factory):
     torch.manual_seed(0)
     model_dir = root / "sampo_model"  # a MONAI Label model folder: a copy of the bundle with a tiny SAM
     write_bundle(build_network("tiny", SIZE, lora_rank=0), model_dir, REPO, verify=False)
+    # training files beside the export, as a command-line run leaves them: not loadable by the inference network
+    lora_state = build_network("tiny", SIZE, lora_rank=4).state_dict()
+    torch.save(lora_state, model_dir / "models" / "best_model.pt")
+    torch.save({"network": lora_state}, model_dir / "models" / "checkpoint_epoch=1.pt")
     train_yaml = model_dir / "configs" / "train.yaml"
     if train_yaml.exists():
         from monai.bundle import ConfigParser
@@ -180,12 +184,50 @@ def test_clicks_give_sam_predictors_mask(server, tmp_path):
         ({"foreground": "x"}, None, 422, "not a JSON list"),
         ({"foreground": [[1, 2, 3, 4]]}, None, 422, "is not [x, y]"),
         (None, "{not json", 422, "not valid JSON"),
+        (None, "[1, 2, 3]", 422, "params must be a JSON object"),
+        ({"foreground": [[10, 20]], "model_filename": "best_model.pt"}, None, 422, "files that load: ['model.pt']"),
+        ({"foreground": [[10, 20]], "model_filename": "checkpoint_epoch=1.pt"}, None, 422, "cannot be used for inference"),
     ],
 )
 def test_malformed_requests_are_4xx(server, params, raw, status, detail):
     r = infer(server, params, raw_params=raw)
     assert r.status_code == status, r.text
     assert detail in r.json()["detail"]
+
+
+def test_info_offers_only_loadable_models_and_no_image_is_400(server):
+    import requests
+
+    info = requests.get(f"{server['url']}/info/", timeout=30).json()
+    assert info["models"]["sampo"]["config"]["model_filename"] == ["model.pt"]
+    assert "model_filename" not in info["trainers"]["sampo"]["config"]  # training starts from the train config
+    assert infer(server, {"foreground": [[10, 20]], "model_filename": "model.pt"}).status_code == 200
+    r = infer(server, {"foreground": [[10, 20]]}, image="")
+    assert r.status_code == 400 and "no image" in r.json()["detail"]
+
+
+def _train(server, **params):
+    import requests
+
+    return requests.post(f"{server['url']}/train/sampo", params={"run_sync": "true"}, json=params, timeout=900)
+
+
+@pytest.mark.parametrize("run_sync", [True, False])
+def test_training_with_nothing_to_train_on_is_400(server, run_sync):
+    import requests
+
+    r = requests.post(f"{server['url']}/train/sampo", params={"run_sync": str(run_sync).lower()},
+                      json={"max_epochs": 1}, timeout=120)
+    assert r.status_code == 400, r.text
+    assert "nothing to train on: no image in the datastore has a final label" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("params, detail", [({"max_epochs": 0}, "max_epochs must be an integer >= 1, got 0"),
+                                            ({"max_epochs": "2"}, "max_epochs must be an integer >= 1, got '2'"),
+                                            ({"val_split": 1.5}, "val_split must be a number < 1")])
+def test_bad_training_requests_are_422(server, params, detail):
+    r = _train(server, **params)
+    assert r.status_code == 422 and detail in r.json()["detail"], r.text
 
 
 def test_unknown_model_or_image_is_404_and_the_server_lives_on(server):
@@ -213,10 +255,24 @@ def test_training_starts_on_datastore_labels(server, tmp_path):
             r = requests.put(f"{server['url']}/datastore/label", params={"image": f"img{i}", "tag": "final"},
                              files={"label": f}, timeout=60)
         assert r.status_code == 200, r.text
-    r = requests.post(f"{server['url']}/train/sampo", params={"run_sync": "true"},
-                      json={"max_epochs": 1, "val_split": 0.34}, timeout=900)
-    assert r.status_code == 200, (r.text, (server["root"] / "server.log").read_text()[-3000:])
     models = server["model_dir"] / "models"
-    assert any(p.name.startswith(("best_model", "checkpoint")) for p in models.iterdir())
+    before = {p.name: p.read_bytes() for p in models.iterdir()}
+    r = _train(server, max_epochs=1, val_split=0.34)
+    assert r.status_code == 200, (r.text, (server["root"] / "server.log").read_text()[-3000:])
+    # a run of its own: the bundle's models/ untouched (the command-line run's checkpoint_epoch=1.pt not resumed)
+    assert {p.name: p.read_bytes() for p in models.iterdir()} == before
+    runs = sorted((server["model_dir"] / "monailabel_train").glob("train_*"))
+    assert len(runs) == 1 and (runs[0] / "models" / "checkpoint_epoch=1.pt").is_file()
+    assert (runs[0] / "models" / "model.pt").is_file()  # the run's own export
+    assert not (server["model_dir"] / "data" / "synthetic").exists()  # the datastore's data, no synthetic set
+    # MLflow: the request's epochs logged, one iteration per epoch (2 training images, batch 2)
+    import sqlite3
+
+    with sqlite3.connect(server["model_dir"] / "monailabel_train" / "eval" / "mlflow.db") as db:
+        (run_id,) = db.execute("SELECT run_uuid FROM runs").fetchone()
+        params = dict(db.execute("SELECT key, value FROM params WHERE run_uuid = ?", (run_id,)).fetchall())
+        steps = db.execute("SELECT COUNT(*) FROM metrics WHERE run_uuid = ? AND key = 'loss'", (run_id,)).fetchone()
+    assert params["max_epochs"] == "1" and params["datalist"].startswith("MONAI Label datastore")
+    assert steps == (1,)
     # still serving after training
     assert infer(server, {"foreground": [[10, 20]]}).status_code == 200

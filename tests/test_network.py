@@ -175,3 +175,32 @@ def test_reference_is_the_initial_model_without_a_copy(tiny_net):
     # no second copy of the image encoder: its frozen weights exist once
     encoder_weights = [n for n, _ in tiny_net.named_parameters() if "image_encoder" in n and "lora_" not in n]
     assert len(encoder_weights) == len([n for n, _ in build_sam("tiny", 64).image_encoder.named_parameters()])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"lora_rank": -1}, r"lora_rank must be an integer >= 0, got -1.*0 means no adapters"),
+        ({"lora_rank": 2.5}, r"lora_rank must be an integer >= 0, got 2.5"),
+        ({"lora_rank": "8"}, r"lora_rank must be an integer >= 0, got '8'"),
+        ({"lora_rank": 4, "lora_alpha": 0}, r"lora_alpha must be a number > 0 or null \(= lora_rank\), got 0"),
+        ({"lora_rank": 4, "lora_targets": ["qkvv"]}, r"lora_targets must be a non-empty list among \['qkv', 'proj', 'lin1', 'lin2'\].*unknown: \['qkvv'\]"),
+        ({"lora_rank": 4, "lora_targets": "qkv"}, r"lora_targets must be a list of layer names"),
+        ({"lora_rank": 4, "lora_targets": []}, r"lora_targets must be a non-empty list"),
+        ({"lora_rank": 4, "trainable": ["image_encoder"]}, r"trainable parts must be among prompt_encoder, mask_decoder"),
+    ],
+)
+def test_bad_lora_settings_say_what_is_allowed(kwargs, match):
+    from bundle.networks import PromptableSAM
+
+    with pytest.raises(ValueError, match=match):
+        PromptableSAM("tiny", image_size=32, **kwargs)
+
+
+def test_rank_zero_has_no_reference_policy_and_says_so():
+    from bundle.networks import PromptableSAM
+
+    net = PromptableSAM("tiny", image_size=32, lora_rank=0)
+    with pytest.raises(RuntimeError, match="lora_rank 0 means no LoRA adapters, so there is no reference policy"):
+        with net.reference():
+            pass

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .instances import instance_label, relabel_sequential
 from .splits import split_sources
-from .writer import DatasetWriter
+from .writer import DatasetWriter, check_output
 
 CLASSES = {1: "other", 2: "inflammatory", 3: "epithelial", 4: "spindle"}
 CLASSES_7 = {
@@ -153,44 +153,60 @@ def prepare_consep(
     source_pattern: str = SOURCE_PATTERN,
     progress: bool = True,
 ) -> Path:
-    """Convert a CoNSeP release folder (Train/, Test/) to ``output``; return the datalist path."""
+    """Convert a CoNSeP release folder (Train/, Test/) to ``output``; return the datalist path.
+
+    Arguments are checked before anything is read; ``output`` is written through :class:`DatasetWriter`, so a run
+    that fails leaves an existing output unchanged.
+    """
+    if type_scheme not in (4, 7):
+        raise ValueError(f"type_scheme must be 7 (official release) or 4 (labels already merged), got {type_scheme!r}")
+    for name, value, lowest in (("tile_size", tile_size, 1), ("stride", stride, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < lowest):
+            raise ValueError(f"{name} must be an integer >= {lowest}, got {value!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if "(?P<source>" not in source_pattern:
+        raise ValueError(f"source_pattern {source_pattern!r} needs a named group (?P<source>...)")
+    check_output(output)
     input_dir = Path(input_dir)
     train_pairs, test_pairs = find_pairs(input_dir / "Train"), find_pairs(input_dir / "Test")
     train_sources, val_sources = split_sources([source_of(i.stem, source_pattern) for i, _ in train_pairs],
                                                val_fraction, seed)  # fmt: skip
     val_sources = set(val_sources)
-    writer = DatasetWriter(output, "consep", "nuclei", CLASSES)
-    max_type = 0
-    jobs = [(p, "test") for p in test_pairs] + [(p, None) for p in train_pairs]
-    for (image_path, label_path), split in tqdm(jobs, desc="CoNSeP", disable=not progress):
-        source = source_of(image_path.stem, source_pattern)
-        split = split or ("validation" if source in val_sources else "training")
-        image = read_image(image_path)
-        inst, types, top_type = read_label(label_path, type_scheme)
-        max_type = max(max_type, top_type)
-        if image.shape[:2] != inst.shape:
-            raise ValueError(f"{image_path}: image size {image.shape[:2]} != label size {inst.shape} in {label_path}")
-        try:
-            ys, xs = tile_offsets(inst.shape[0], tile_size, stride), tile_offsets(inst.shape[1], tile_size, stride)
-        except ValueError as e:
-            raise ValueError(f"{image_path}: {e}") from e
-        tiled = len(ys) * len(xs) > 1
-        for k, (y, x) in enumerate((y, x) for y in ys for x in xs):
-            crop = inst[y : y + tile_size, x : x + tile_size]
-            local, old = relabel_sequential(crop)
-            if len(old) == 0:
-                writer.skip("no nucleus")
-                continue
-            label = instance_label(local, types[old - 1])
-            stem = f"{image_path.stem}_{k:03d}" if tiled else image_path.stem
-            tile = np.ascontiguousarray(image[y : y + tile_size, x : x + tile_size])
-            extra = {"tile": [y, x]} if tiled else {}
-            writer.add(split, stem, tile, label, source=source, n_nuclei=len(old), tissue="colon", **extra)
-    if type_scheme == 7 and max_type <= 4:
-        raise ValueError(
-            f"{input_dir}: no file has a type id above 4, so the labels look already merged to the 4-type scheme; "
-            "reading them as the official 7 types would turn spindle (4) into epithelial: use type_scheme 4"
-        )
-    info = {"type_scheme": type_scheme, "tile_size": tile_size, "stride": stride, "val_fraction": val_fraction,
-            "validation_sources": sorted(val_sources)}  # fmt: skip
-    return writer.finish(seed, info)
+    with DatasetWriter(output, "consep", "nuclei", CLASSES) as writer:
+        max_type = 0
+        jobs = [(p, "test") for p in test_pairs] + [(p, None) for p in train_pairs]
+        for (image_path, label_path), split in tqdm(jobs, desc="CoNSeP", disable=not progress):
+            source = source_of(image_path.stem, source_pattern)
+            split = split or ("validation" if source in val_sources else "training")
+            image = read_image(image_path)
+            inst, types, top_type = read_label(label_path, type_scheme)
+            max_type = max(max_type, top_type)
+            if image.shape[:2] != inst.shape:
+                raise ValueError(
+                    f"{image_path}: image size {image.shape[:2]} != label size {inst.shape} in {label_path}"
+                )
+            try:
+                ys, xs = tile_offsets(inst.shape[0], tile_size, stride), tile_offsets(inst.shape[1], tile_size, stride)
+            except ValueError as e:
+                raise ValueError(f"{image_path}: {e}") from e
+            tiled = len(ys) * len(xs) > 1
+            for k, (y, x) in enumerate((y, x) for y in ys for x in xs):
+                crop = inst[y : y + tile_size, x : x + tile_size]
+                local, old = relabel_sequential(crop)
+                if len(old) == 0:
+                    writer.skip("no nucleus")
+                    continue
+                label = instance_label(local, types[old - 1])
+                stem = f"{image_path.stem}_{k:03d}" if tiled else image_path.stem
+                tile = np.ascontiguousarray(image[y : y + tile_size, x : x + tile_size])
+                extra = {"tile": [y, x]} if tiled else {}
+                writer.add(split, stem, tile, label, source=source, n_nuclei=len(old), tissue="colon", **extra)
+        if type_scheme == 7 and max_type <= 4:
+            raise ValueError(
+                f"{input_dir}: no file has a type id above 4, so the labels look already merged to the 4-type scheme; "
+                "reading them as the official 7 types would turn spindle (4) into epithelial: use type_scheme 4"
+            )
+        info = {"type_scheme": type_scheme, "tile_size": tile_size, "stride": stride, "val_fraction": val_fraction,
+                "validation_sources": sorted(val_sources)}  # fmt: skip
+        return writer.finish(seed, info)

@@ -21,6 +21,9 @@ def read_datalist(path: str | os.PathLike) -> dict:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: must be a JSON object with task_family, classes and the splits "
+                         f"(docs/DATA_CONTRACT.md), got a {type(data).__name__}")
     for key in ("task_family", "classes"):
         if key not in data:
             raise ValueError(f"{path}: missing key '{key}' (see docs/DATA_CONTRACT.md)")
@@ -47,11 +50,21 @@ def load_datalist(path: str | os.PathLike, split: str, fraction: int = 100, task
     if split not in data:
         raise ValueError(f"{path}: no '{split}' split")
     base = os.path.dirname(os.path.abspath(path))
+    if not isinstance(data[split], list):
+        raise ValueError(f"{path}: '{split}' must be a list of {{'image': ..., 'label': ...}} entries, "
+                         f"got {type(data[split]).__name__}")
     items = []
     for i, entry in enumerate(data[split]):
+        if not isinstance(entry, dict):
+            raise ValueError(
+                f"{path}: {split}[{i}] must be an object {{'image': ..., 'label': ...}}, got {entry!r:.80}"
+            )
         for key in ("image", "label"):
             if key not in entry:
                 raise ValueError(f"{path}: {split}[{i}] has no '{key}'")
+            if not isinstance(entry[key], str) or not entry[key]:
+                raise ValueError(f"{path}: {split}[{i}]['{key}'] must be a file path relative to the datalist, "
+                                 f"got {entry[key]!r}")
         if split == "training" and fraction not in entry.get("subsets", FRACTIONS):
             continue
         item = dict(entry)
@@ -59,6 +72,9 @@ def load_datalist(path: str | os.PathLike, split: str, fraction: int = 100, task
             item[key] = os.path.normpath(os.path.join(base, entry[key]))
         item.setdefault("name", os.path.splitext(os.path.basename(entry["image"]))[0])
         items.append(item)
+    if split == "training" and not items:
+        raise ValueError(f"{path}: no training items" + (f" in the {fraction} % subset" if fraction != 100 else "")
+                         + " (re-run the preparation script, or choose another datalist)")
     if task in ("t2", "organ") and split != "training":
         items = [dict(item, target_class=c) for item in items for c in classes_present(item["label"])]
     return items

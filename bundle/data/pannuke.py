@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from bundle.transforms.checks import check_finite
+
 from .instances import relabel_sequential
-from .writer import DatasetWriter
+from .writer import DatasetWriter, check_output
 
 CLASSES = {1: "neoplastic", 2: "inflammatory", 3: "connective", 4: "dead", 5: "epithelial"}
 TISSUES = (
@@ -102,6 +104,7 @@ def to_uint8_rgb(image: np.ndarray, where: str) -> np.ndarray:
     image = np.asarray(image)
     if image.dtype == np.uint8:
         return image
+    check_finite(image, where)
     lo, hi = float(image.min()), float(image.max())
     if lo < 0 or hi > 255:
         raise ValueError(f"{where}: image values in [{lo}, {hi}], expected 0..255 (or 0..1)")
@@ -147,22 +150,24 @@ def prepare_pannuke(
     missing = sorted(set(used) - set(fold_dirs))
     if missing:
         raise ValueError(f"folds {missing} requested but only folds {sorted(fold_dirs)} were given")
-    writer = DatasetWriter(output, "pannuke", "nuclei", CLASSES)
-    overlap_pixels = 0
-    for split, folds in roles.items():
-        for fold in folds:
-            images, masks, types = load_fold(fold_dirs[fold])
-            for i in tqdm(range(images.shape[0]), desc=f"PanNuke fold {fold} ({split})", disable=not progress):
-                label, overlap = merge_masks(masks[i])
-                overlap_pixels += overlap
-                n = int(label[0].max())
-                if n == 0:
-                    writer.skip("no nucleus")
-                    continue
-                stem = f"fold{fold}_{i:05d}"
-                image = to_uint8_rgb(images[i], f"{fold_dirs[fold]} images.npy[{i}]")
-                writer.add(split, stem, image, label, source=stem, tissue=str(types[i]), n_nuclei=n, fold=fold)
-    if overlap_pixels:
-        print(f"PanNuke: {overlap_pixels} pixels were claimed by two class channels; the first channel kept them")
-    info = {"folds": {k: list(v) for k, v in roles.items()}, "overlap_pixels": overlap_pixels}
-    return writer.finish(seed, info)
+    check_output(output)
+    loaded = {fold: load_fold(fold_dirs[fold]) for fold in used}  # memory-mapped: every fold checked before writing
+    with DatasetWriter(output, "pannuke", "nuclei", CLASSES) as writer:
+        overlap_pixels = 0
+        for split, folds in roles.items():
+            for fold in folds:
+                images, masks, types = loaded[fold]
+                for i in tqdm(range(images.shape[0]), desc=f"PanNuke fold {fold} ({split})", disable=not progress):
+                    label, overlap = merge_masks(masks[i])
+                    overlap_pixels += overlap
+                    n = int(label[0].max())
+                    if n == 0:
+                        writer.skip("no nucleus")
+                        continue
+                    stem = f"fold{fold}_{i:05d}"
+                    image = to_uint8_rgb(images[i], f"{fold_dirs[fold]} images.npy[{i}]")
+                    writer.add(split, stem, image, label, source=stem, tissue=str(types[i]), n_nuclei=n, fold=fold)
+        if overlap_pixels:
+            print(f"PanNuke: {overlap_pixels} pixels were claimed by two class channels; the first channel kept them")
+        info = {"folds": {k: list(v) for k, v in roles.items()}, "overlap_pixels": overlap_pixels}
+        return writer.finish(seed, info)

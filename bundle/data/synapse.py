@@ -27,8 +27,10 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from bundle.transforms.checks import check_finite
+
 from .splits import partition_sources
-from .writer import DatasetWriter
+from .writer import DatasetWriter, check_output
 
 ORGANS = ("aorta", "gallbladder", "left_kidney", "right_kidney", "liver", "pancreas", "spleen", "stomach")
 CLASSES = {i + 1: name for i, name in enumerate(ORGANS)}
@@ -142,6 +144,8 @@ def nifti_slices(image_path: Path, label_path: Path, mapping: str, organs=None):
     """Yield (k, HU slice (H, W) float32, organ map (H, W) int32) for every axial slice of one volume pair."""
     image_img, label_img = load_nifti(image_path), load_nifti(label_path)
     image, label = _volume(image_img, image_path), _volume(label_img, label_path)
+    check_finite(image, f"image {image_path}", "HU values")
+    check_finite(label, f"label {label_path}", "label values")
     if image.shape != label.shape:
         raise ValueError(f"image {image_path} has shape {image.shape} but label {label_path} has {label.shape}")
     if not np.allclose(image_img.affine, label_img.affine, atol=1e-2):
@@ -162,6 +166,8 @@ def read_npz_slice(path: Path, mapping: str = "synapse", organs=None) -> tuple[n
         if key not in arrays:
             raise ValueError(f"{path}: no '{key}' array (expected keys 'image' and 'label', each (H, W))")
     image, label = arrays["image"], arrays["label"]
+    check_finite(image, f"{path} 'image'")
+    check_finite(label, f"{path} 'label'")
     if image.ndim != 2 or label.ndim != 2:
         raise ValueError(f"{path}: expected image and label of shape (H, W), got {image.shape} and {label.shape}")
     if image.shape != label.shape:
@@ -234,26 +240,29 @@ def prepare_synapse(
             twice = sorted({n for n in names if names.count(n) > 1})
             raise ValueError(f"two image files give the same patient id: {twice}")
     split_of = _patient_splits([p for p, _ in items], val_fraction, test_fraction, val_patients, test_patients, seed)
-    writer = DatasetWriter(output, "synapse", "organ", classes)
-    for patient, item in tqdm(items, desc="Synapse", disable=not progress):
-        if use_npz:
-            hu, organ_map = read_npz_slice(item, mapping, organs)
-            slices = [(item.stem, hu, organ_map)]
-        else:
-            slices = ((f"{patient}_{k:03d}", hu, m) for k, hu, m in nifti_slices(*item, mapping, organs))
-        for stem, hu, organ_map in slices:
-            present = np.unique(organ_map)
-            present = present[present > 0]
-            if len(present) == 0:
-                writer.skip("no organ")
-                continue
-            label = np.stack([organ_map, organ_map])
-            writer.add(split_of[patient], stem, hu, label, source=patient, n_organs=len(present))
-    info = {
-        "input_format": "npz" if use_npz else "nifti",
-        "label_mapping": mapping,
-        "intensity": "HU from [0,1] npz: -125 + 400 * x" if use_npz else "HU",
-        "orientation": "as stored" if use_npz else "RAS+ reoriented, radiological display (volume[::-1, ::-1, k].T)",
-        "patients": {s: sorted(p for p, v in split_of.items() if v == s) for s in ("training", "validation", "test")},
-    }
-    return writer.finish(seed, info)
+    check_output(output)
+    with DatasetWriter(output, "synapse", "organ", classes) as writer:
+        for patient, item in tqdm(items, desc="Synapse", disable=not progress):
+            if use_npz:
+                hu, organ_map = read_npz_slice(item, mapping, organs)
+                slices = [(item.stem, hu, organ_map)]
+            else:
+                slices = ((f"{patient}_{k:03d}", hu, m) for k, hu, m in nifti_slices(*item, mapping, organs))
+            for stem, hu, organ_map in slices:
+                present = np.unique(organ_map)
+                present = present[present > 0]
+                if len(present) == 0:
+                    writer.skip("no organ")
+                    continue
+                label = np.stack([organ_map, organ_map])
+                writer.add(split_of[patient], stem, hu, label, source=patient, n_organs=len(present))
+        info = {
+            "input_format": "npz" if use_npz else "nifti",
+            "label_mapping": mapping,
+            "intensity": "HU from [0,1] npz: -125 + 400 * x" if use_npz else "HU",
+            "orientation": "as stored" if use_npz
+            else "RAS+ reoriented, radiological display (volume[::-1, ::-1, k].T)",
+            "patients": {s: sorted(p for p, v in split_of.items() if v == s)
+                         for s in ("training", "validation", "test")},
+        }
+        return writer.finish(seed, info)

@@ -1,4 +1,5 @@
-"""LoRA adapters (peft) on SAM's image encoder."""
+"""LoRA adapters (peft) on SAM's image encoder, and the check of the LoRA settings (``lora_rank``, ``lora_alpha``,
+``lora_targets``, ``trainable_parts``) with messages that say which values are allowed."""
 
 from __future__ import annotations
 
@@ -7,6 +8,39 @@ from typing import Sequence
 
 from peft import LoraConfig, get_peft_model
 from torch import nn
+
+
+TARGETS = ("qkv", "proj", "lin1", "lin2")  # the linear layers of a SAM image-encoder block
+TRAINABLE = ("prompt_encoder", "mask_decoder")
+
+
+def check_lora_args(rank, alpha=None, targets: Sequence[str] = TARGETS, trainable: Sequence[str] = TRAINABLE) -> None:
+    """Raise ``ValueError`` saying what is allowed when a LoRA setting is not.
+
+    ``rank``: an integer >= 0 (0: no adapters, as in a merged export; then there is no reference policy, so SAMPO
+    training needs rank >= 1). ``alpha``: ``None`` (= rank) or a number > 0. ``targets``: a non-empty list of
+    :data:`TARGETS`. ``trainable``: a list of :data:`TRAINABLE`.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ValueError(
+            f"lora_rank must be an integer >= 0, got {rank!r}: the rank of the LoRA adapters on the image encoder "
+            "(64 by default; 0 means no adapters, which gives no reference policy, so SAMPO training needs >= 1)"
+        )
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0):
+        raise ValueError(f"lora_alpha must be a number > 0 or null (= lora_rank), got {alpha!r}")
+    if isinstance(targets, str) or not isinstance(targets, Sequence):
+        raise ValueError(f"lora_targets must be a list of layer names among {list(TARGETS)}, got {targets!r}")
+    unknown = [t for t in targets if t not in TARGETS]
+    if rank > 0 and (unknown or not targets):
+        raise ValueError(
+            f"lora_targets must be a non-empty list among {list(TARGETS)} (the image encoder's linear layers), "
+            f"got {list(targets)}" + (f"; unknown: {unknown}" if unknown else "")
+        )
+    if isinstance(trainable, str) or not isinstance(trainable, Sequence):
+        raise ValueError(f"trainable_parts must be a list among {list(TRAINABLE)}, got {trainable!r}")
+    unknown = sorted(set(trainable) - set(TRAINABLE))
+    if unknown:
+        raise ValueError(f"trainable parts must be among {', '.join(TRAINABLE)}; got {unknown}")
 
 
 def add_lora(
@@ -21,9 +55,7 @@ def add_lora(
     The image encoder's own weights are frozen. The parts in ``trainable`` are peft ``modules_to_save``: a trained
     copy sits beside the frozen original, so ``disable_adapter()`` gives back the whole initial model.
     """
-    unknown = set(trainable) - {"prompt_encoder", "mask_decoder"}
-    if unknown:
-        raise ValueError(f"trainable parts must be among prompt_encoder, mask_decoder; got {sorted(unknown)}")
+    check_lora_args(rank, alpha, targets, trainable)
     names = "|".join(re.escape(t) for t in targets)
     config = LoraConfig(
         r=rank,

@@ -30,7 +30,7 @@ from torch import nn
 
 from bundle.guidance import guidance_to_points
 from bundle.networks.decoding import best_slot, decode_prompt_sets
-from bundle.networks.lora import add_lora
+from bundle.networks.lora import add_lora, check_lora_args
 from bundle.networks.sam_builder import build_sam, load_sam_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ class PromptableSAM(nn.Module):
                 f" at {checkpoint}" if checkpoint else "",
                 model_size,
             )
+        check_lora_args(lora_rank, lora_alpha, lora_targets, trainable)
         self.lora_rank = lora_rank
         if lora_rank > 0:
             self.sam = add_lora(sam, lora_rank, lora_alpha, lora_targets, trainable)
@@ -107,7 +108,10 @@ class PromptableSAM(nn.Module):
     def reference(self):
         """Context in which the network is the reference policy pi_ref (adapters disabled, no gradients)."""
         if self.lora_rank == 0:
-            raise RuntimeError("the reference policy needs LoRA adapters (lora_rank > 0)")
+            raise RuntimeError(
+                "lora_rank 0 means no LoRA adapters, so there is no reference policy (the network with its adapters "
+                "off) for SAMPO's preference terms: train with lora_rank >= 1 (0 is for merged exports / inference)"
+            )
         with torch.no_grad(), self.sam.disable_adapter():
             yield self
 

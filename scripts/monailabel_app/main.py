@@ -10,15 +10,27 @@ voxel clicks ``[[i, j, k], ...]`` (3D; all on one slice). Bad requests are answe
 unusable clicks (none in the foreground, outside the image, malformed), 404 for an unknown model or image.
 The train task is MONAI Label's ``BundleTrainTask`` on the bundle's configs/train.yaml, reading the datastore's
 label masks (bundle/labeling.py); training starts from the config's own initialisation, not from the merged
-models/model.pt.
+models/model.pt. Each ``POST /train/sampo`` is a fresh run of its own: checkpoints and exports in
+``<train_dir>/<run>/models`` (``--conf train_dir DIR``, default ``<bundle>/monailabel_train``; never the bundle's
+``models/``, never resuming the command-line run), MLflow in ``<train_dir>/eval/mlflow.db``, the datastore's
+labelled images only (no synthetic set) and the request's ``max_epochs`` (also the LR schedule's length and the
+logged parameter). Nothing to train on (no labelled image, or none left for training after ``val_split``) is
+answered 400, a bad ``max_epochs`` / ``val_split`` 422, each with the reason.
+
+``/info`` offers as ``model_filename`` only the files in ``models/`` that load into the inference network (the
+merged ``model.pt``); a training checkpoint (``best_model.pt``, ``checkpoint_epoch=N.pt``: LoRA weights of the
+training network) asked for by name is answered 422 naming the files that load. An infer request whose
+``params`` is JSON but not an object (e.g. ``[1, 2, 3]``) is answered 422, one with no image 400.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
+import time
 from typing import Dict
 
 from fastapi import HTTPException
@@ -52,12 +64,70 @@ def _bad_input(exc: BaseException):
 
 
 class SAMPOTrainTask(BundleTrainTask):
-    """``BundleTrainTask`` reading datastore masks as label maps; no warm start from the merged ``model.pt``."""
+    """``BundleTrainTask`` reading datastore masks as label maps, each request a fresh run in its own folder.
+
+    Args:
+        path: the bundle folder (configs/train.yaml).
+        conf: the app's ``--conf`` values.
+        train_dir: where each request's run folder goes (never the bundle's ``models/``).
+    """
+
+    def __init__(self, path, conf, train_dir: str):
+        super().__init__(path, conf)
+        self.train_dir = os.path.abspath(train_dir)
+        self._run = {}
+
+    def config(self):
+        options = super().config()
+        # the train config initialises from SAM (see _load_checkpoint): no bundle file is a starting point to offer
+        options.pop("model_filename", None)
+        options.pop("pretrained", None)
+        return options
 
     def _load_checkpoint(self, model_pytorch, pretrained, train_handlers):
         # models/model.pt holds merged weights (lora_rank 0); the training network has adapters, so MONAI Label's
         # non-strict CheckpointLoader would silently load nothing. The train config initialises from SAM.
         logger.info("SAMPO: training starts from the train config's initialisation (not %s)", model_pytorch)
+
+    def check_request(self, request, datastore) -> tuple[int, int]:
+        """(training, validation) item counts of ``request`` on ``datastore``; ``HTTPException`` 422 for a bad
+        ``max_epochs`` / ``val_split``, 400 when there is nothing to train on."""
+        epochs = request.get("max_epochs", 50)
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise HTTPException(status_code=422, detail=f"max_epochs must be an integer >= 1, got {epochs!r}")
+        split = request.get("val_split", 0.2)
+        if isinstance(split, bool) or not isinstance(split, (int, float)) or not split < 1:
+            raise HTTPException(
+                status_code=422, detail=f"val_split must be a number < 1 (0: no validation), got {split!r}"
+            )
+        n = len([d for d in datastore.datalist() if d])
+        if n == 0:
+            raise HTTPException(
+                status_code=400,
+                detail="nothing to train on: no image in the datastore has a final label (save labels with "
+                "PUT /datastore/label?image=<id>&tag=final first)",
+            )
+        n_val = int(round(n * split)) if split > 0 else 0  # monai.data.partition_dataset's rounding
+        n_val = min(n_val, n) if split > 0 else 0
+        if n - n_val < 1:
+            raise HTTPException(
+                status_code=400,
+                detail=f"nothing to train on: {n} labelled image(s) and val_split {split} leave none for training",
+            )
+        return n - n_val, n_val
+
+    def __call__(self, request, datastore):
+        self.check_request(request, datastore)
+        name = time.strftime("train_%Y%m%d_%H%M%S")
+        run_dir = os.path.join(self.train_dir, name)
+        for k in range(1, 1000):  # two requests in one second get two folders
+            if not os.path.exists(run_dir):
+                break
+            run_dir = os.path.join(self.train_dir, f"{name}_{k}")
+        self._run = {"dir": run_dir, "max_epochs": request.get("max_epochs", 50), "datastore": datastore}
+        result = super().__call__(request, datastore)
+        logger.info("SAMPO: training run written to %s", run_dir)
+        return {**(result or {}), "output": run_dir}
 
     def _update_overrides(self, overrides):
         from bundle.labeling import datastore_label_loader
@@ -65,12 +135,98 @@ class SAMPOTrainTask(BundleTrainTask):
         load = self.bundle_config.get("load")
         if isinstance(load, list):
             overrides["load"] = datastore_label_loader(load)
+        run = self._run
+        datastore = run.get("datastore")
+        overrides.update({
+            # the request's epochs everywhere they are used: trainer, LR schedule, the logged hyperparameter
+            "max_epochs": run.get("max_epochs", overrides.get(self.const.key_train_trainer_max_epochs())),
+            # a run of its own: never the bundle's models/, never resuming another run's state
+            "ckpt_dir": os.path.join(run.get("dir", self.train_dir), "models"),
+            "output_dir": os.path.join(self.train_dir, "eval"),
+            "resume_from": "$None",  # (a None override would be dropped by monai.bundle.run)
+            # what the run trains on (train#dataset#data holds the items); no synthetic set is generated
+            "datalist": f"MONAI Label datastore {getattr(datastore, '_datastore_path', '')}".strip(),
+        })  # fmt: skip
+        return overrides
+
+
+def _first(value):
+    return value[0] if isinstance(value, (list, tuple)) and value else value
+
+
+def loadable_models(folder: str, network) -> list[str]:
+    """Files ``*.pt`` in ``folder`` that load strictly into ``network`` (merged exports; not training states)."""
+    from bundle.export import check_state_dict, read_state_dict
+
+    names = []
+    for name in sorted(f for f in os.listdir(folder) if f.endswith(".pt")) if os.path.isdir(folder) else []:
+        try:
+            check_state_dict(read_state_dict(os.path.join(folder, name)), network, name)
+        except Exception as e:  # a training checkpoint (LoRA keys), another size, an unreadable file
+            logger.info("SAMPO: models/%s is not offered for inference: %s", name, str(e).split(";")[0])
+            continue
+        names.append(name)
+    return names
 
 
 async def _invalid_json(request, exc):
     from fastapi.responses import JSONResponse
 
     return JSONResponse(status_code=422, content={"detail": f"params is not valid JSON: {exc}"})
+
+
+def _checked_inference(run_inference):
+    """MONAI Label's ``run_inference`` with the request checked first: 422 for ``params`` that is not a JSON object,
+    400 for a request without an image (MONAI Label answers both with 500)."""
+
+    def run(background_tasks, model, image="", session_id="", params="{}", file=None, label=None, output=None):
+        try:
+            p = json.loads(params) if isinstance(params, str) and params else {}
+        except json.JSONDecodeError as e:
+            raise HTTPException(status_code=422, detail=f"params is not valid JSON: {e}") from e
+        if not isinstance(p, dict):
+            raise HTTPException(
+                status_code=422,
+                detail=f"params must be a JSON object such as {{\"foreground\": [[x, y]]}}, got {type(p).__name__}",
+            )
+        if not file and not image and not session_id:
+            raise HTTPException(
+                status_code=400, detail="no image: give ?image=<datastore image id> or upload the image as 'file'"
+            )
+        return run_inference(background_tasks, model, image, session_id, params, file, label, output)
+
+    run.__wrapped__ = run_inference
+    return run
+
+
+def _checked_training(run_model):
+    """MONAI Label's ``run_model`` (``POST /train/{model}``) with the request checked before a background run
+    starts, so that nothing to train on is a 4xx answer, not a failed background task."""
+
+    def run(model, params=None, run_sync=False, enqueue=False):
+        from monailabel.interfaces.utils.app import app_instance
+
+        instance = app_instance()
+        task = getattr(instance, "_trainers", {}).get(model)
+        if isinstance(task, SAMPOTrainTask):
+            request = {**instance.info().get("config", {}).get("train", {}), **(params or {})}
+            task.check_request(request, instance.datastore())
+        return run_model(model, params, run_sync, enqueue)
+
+    run.__wrapped__ = run_model
+    return run
+
+
+def _check_requests() -> None:
+    """Route MONAI Label's infer and train endpoints through the checks above (the endpoints look these functions
+    up in their modules at call time)."""
+    import monailabel.endpoints.infer as infer_endpoint
+    import monailabel.endpoints.train as train_endpoint
+
+    if not hasattr(infer_endpoint.run_inference, "__wrapped__"):
+        infer_endpoint.run_inference = _checked_inference(infer_endpoint.run_inference)
+    if not hasattr(train_endpoint.run_model, "__wrapped__"):
+        train_endpoint.run_model = _checked_training(train_endpoint.run_model)
 
 
 def _answer_invalid_json_with_422() -> None:
@@ -110,17 +266,21 @@ class SAMPOApp(MONAILabelApp):
     def on_init_complete(self):
         super().on_init_complete()
         _answer_invalid_json_with_422()
+        _check_requests()
 
     def init_infers(self) -> Dict[str, InferTask]:
         task = BundleInferTask(self.sampo_bundle, self.conf, type=InferType.DEEPGROW, load_strict=True)
         if not task.is_valid():
             raise RuntimeError(f"{self.sampo_bundle}: not a usable bundle (configs/inference.yaml + models/model.pt)")
+        offered = loadable_models(os.path.join(self.sampo_bundle, "models"), task.network)
+        task._config["model_filename"] = sorted(offered, key=len)  # model.pt first, as MONAI Label sorts them
         return {self.model_name: task}
 
     def init_trainers(self) -> Dict[str, TrainTask]:
         if strtobool(self.conf.get("skip_trainers", "false")):
             return {}
-        task = SAMPOTrainTask(self.sampo_bundle, self.conf)
+        train_dir = self.conf.get("train_dir") or os.path.join(self.sampo_bundle, "monailabel_train")
+        task = SAMPOTrainTask(self.sampo_bundle, self.conf, train_dir)
         return {self.model_name: task} if task.is_valid() else {}
 
     def init_strategies(self) -> Dict[str, Strategy]:
@@ -130,6 +290,14 @@ class SAMPOApp(MONAILabelApp):
         model = request.get("model")
         if model not in self._infers:
             raise HTTPException(status_code=404, detail=f"no model '{model}'; available: {sorted(self._infers)}")
+        wanted = _first(request.get("model_filename"))
+        offered = self._infers[model].config().get("model_filename") or []
+        if wanted and wanted not in offered:
+            raise HTTPException(
+                status_code=422,
+                detail=f"model_filename '{wanted}' cannot be used for inference (a training checkpoint, or not in "
+                f"models/); files that load: {offered}",
+            )
         image = request.get("image")
         if isinstance(image, str) and not os.path.exists(image):
             if not (datastore or self.datastore()).get_image_uri(image):
