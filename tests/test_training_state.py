@@ -35,7 +35,8 @@ def test_rerun_with_more_epochs_continues_the_same_run(tmp_path):
     first = _run(tmp_path, "--max_epochs", "1")
     assert first.returncode == 0, first.stderr[-3000:]
     out = first.stdout + first.stderr
-    assert "resuming" not in out.lower(), "a fresh run must not say it is resuming"
+    assert "Engine run resuming" not in out and "Resuming from" not in out, "a fresh run must not say it resumes"
+    assert "Engine run starting at epoch 1 of 1" in out
     assert "█" not in out and "\r" not in out, "the progress bar and the per-iteration log line share the terminal"
     assert "Trained epochs 1..1 of 1 (fresh start)" in out
     models = tmp_path / "models"
@@ -56,7 +57,7 @@ def test_rerun_with_more_epochs_continues_the_same_run(tmp_path):
     again = _run(tmp_path, "--max_epochs", "2")
     assert again.returncode == 0, again.stderr[-3000:]
     out = again.stdout + again.stderr
-    assert f"Trained epochs 2..2 of 2, resumed from {models / 'checkpoint_epoch=1.pt'}" in out
+    assert f"Trained epochs 2..2 of 2 (resumed from {models / 'checkpoint_epoch=1.pt'})" in out
     (same,) = _runs(client)  # the finished run went on: one run, finished again
     assert same.info.run_id == run.info.run_id and same.info.status == "FINISHED"
     rid = run.info.run_id
