@@ -47,12 +47,16 @@ ARTIFACT_PATH = "bundle"
 def _describe_layout(state: Mapping[str, torch.Tensor]) -> str:
     """A short guess at the network a state dict was made for (size, LoRA rank), for error messages."""
     patch = next((v for k, v in state.items() if k.endswith("image_encoder.patch_embed.proj.weight")), None)
+    rank = next((v.shape[0] for k, v in state.items() if ".lora_A." in k), 0)
+    depth = len({k.split("blocks.")[1].split(".")[0] for k in state if ".image_encoder.blocks." in k})
+    if patch is None and rank:  # adapter-sized: trained tensors only
+        dim = next((v.shape[1] for k, v in state.items() if k.endswith("attn.qkv.lora_A.default.weight")), "?")
+        sizes = [n for n, c in SAM_SIZES.items() if c["embed_dim"] == dim and c["depth"] == depth]
+        return f"trained tensors of model_size {sizes[0] if sizes else '?'} (embed_dim {dim}, depth {depth}), lora_rank {rank}"
     if patch is None:
         return "not a PromptableSAM state dict (no image_encoder.patch_embed.proj.weight)"
     dim = patch.shape[0]
-    depth = len({k.split("blocks.")[1].split(".")[0] for k in state if ".image_encoder.blocks." in k})
     sizes = [n for n, c in SAM_SIZES.items() if c["embed_dim"] == dim and c["depth"] == depth]
-    rank = next((v.shape[0] for k, v in state.items() if ".lora_A." in k), 0)
     pos = next((v for k, v in state.items() if k.endswith("image_encoder.pos_embed")), None)
     size = f", image_size {pos.shape[1] * 16}" if pos is not None and pos.ndim == 4 else ""
     return (
