@@ -24,7 +24,6 @@ import zipfile
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn
 from monai.utils import CommonKeys

@@ -26,7 +26,8 @@ from ignite.engine import Engine, Events
 from monai.transforms import MapTransform
 from torch import nn
 
-from bundle.export import check_state_dict, read_state_dict
+from bundle.checkpoints import BaseMismatchError
+from bundle.export import load_weights
 from bundle.guidance import guidance_to_points
 from bundle.io import atomic_write, save_json
 from bundle.metrics import STRATA, count_instances, density_stratum, dice_iou, overlap
@@ -53,13 +54,13 @@ def load_checkpoint(network: nn.Module, checkpoint: str | None) -> nn.Module:
         return network
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint to evaluate not found: {checkpoint}")
-    state = read_state_dict(checkpoint)  # a bare state dict or a training state's "network" entry
-    try:
-        check_state_dict(state, network, checkpoint)
+    try:  # a bare state dict, a training state's "network" entry, or trained tensors on the base they name
+        load_weights(network, checkpoint)
+    except BaseMismatchError:  # its message says which base to build the network on
+        raise
     except CheckpointError as e:
         raise RuntimeError(f"{checkpoint} does not fit the configured network (model_size / lora_rank / "
                            f"image_size must be those of its training): {e}") from e
-    network.load_state_dict(state, strict=True)
     print(f"Evaluating {checkpoint}")
     return network
 

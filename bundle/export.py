@@ -27,12 +27,12 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
+from bundle.checkpoints import describe_base
 from bundle.guidance import points_to_guidance
 from bundle.io import atomic_torch_save, atomic_write
 from bundle.networks import SAM_SIZES, CheckpointError, PromptableSAM
@@ -49,12 +49,16 @@ ARTIFACT_PATH = "bundle"
 def _describe_layout(state: Mapping[str, torch.Tensor]) -> str:
     """A short guess at the network a state dict was made for (size, LoRA rank), for error messages."""
     patch = next((v for k, v in state.items() if k.endswith("image_encoder.patch_embed.proj.weight")), None)
+    rank = next((v.shape[0] for k, v in state.items() if ".lora_A." in k), 0)
+    depth = len({k.split("blocks.")[1].split(".")[0] for k in state if ".image_encoder.blocks." in k})
+    if patch is None and rank:  # adapter-sized: trained tensors only
+        dim = next((v.shape[1] for k, v in state.items() if k.endswith("attn.qkv.lora_A.default.weight")), "?")
+        sizes = [n for n, c in SAM_SIZES.items() if c["embed_dim"] == dim and c["depth"] == depth]
+        return f"trained tensors of model_size {sizes[0] if sizes else '?'} (embed_dim {dim}, depth {depth}), lora_rank {rank}"
     if patch is None:
         return "not a PromptableSAM state dict (no image_encoder.patch_embed.proj.weight)"
     dim = patch.shape[0]
-    depth = len({k.split("blocks.")[1].split(".")[0] for k in state if ".image_encoder.blocks." in k})
     sizes = [n for n, c in SAM_SIZES.items() if c["embed_dim"] == dim and c["depth"] == depth]
-    rank = next((v.shape[0] for k, v in state.items() if ".lora_A." in k), 0)
     pos = next((v for k, v in state.items() if k.endswith("image_encoder.pos_embed")), None)
     size = f", image_size {pos.shape[1] * 16}" if pos is not None and pos.ndim == 4 else ""
     return (
@@ -63,10 +67,18 @@ def _describe_layout(state: Mapping[str, torch.Tensor]) -> str:
     )
 
 
-def check_state_dict(state: Mapping[str, torch.Tensor], net: nn.Module, source: str) -> None:
-    """Raise :class:`CheckpointError` naming ``source`` and what does not match if ``state`` cannot load strictly."""
+def check_state_dict(state: Mapping[str, torch.Tensor], net: nn.Module, source: str, partial: bool = False) -> None:
+    """Raise :class:`CheckpointError` naming ``source`` and what does not match if ``state`` cannot load strictly.
+
+    ``partial``: ``state`` holds only the trained tensors of an adapter-sized checkpoint (:mod:`bundle.checkpoints`);
+    the keys of the network's base may then be missing, nothing else may.
+    """
     target = net.state_dict()
     missing = sorted(set(target) - set(state))
+    if partial:
+        from bundle.checkpoints import trained_keys
+
+        missing = sorted(set(missing) & set(trained_keys(net)))
     unexpected = sorted(set(state) - set(target))
     shapes = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs network {tuple(v.shape)}"
@@ -91,9 +103,10 @@ def check_state_dict(state: Mapping[str, torch.Tensor], net: nn.Module, source: 
         )
 
 
-def read_state_dict(path: str | os.PathLike, key: str = "network") -> dict[str, torch.Tensor]:
-    """The network state dict in a training checkpoint (``{key: state, ...}``, MONAI ``CheckpointSaver``) or a bare
-    state dict (``models/model.pt``); raise naming the file otherwise."""
+def read_checkpoint(path: str | os.PathLike, key: str = "network") -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The network tensors in ``path`` and the base they apply to: ``(state, base)`` for an adapter-sized training
+    checkpoint (:mod:`bundle.checkpoints`, ``{"base": ..., key: trained tensors, ...}``), ``(state, None)`` for a
+    full state dict (``models/model.pt``) or a training checkpoint holding the whole network."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -101,12 +114,20 @@ def read_state_dict(path: str | os.PathLike, key: str = "network") -> dict[str, 
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    base = ckpt.get("base") if isinstance(ckpt, Mapping) and isinstance(ckpt.get("base"), Mapping) else None
     if isinstance(ckpt, Mapping) and key in ckpt and isinstance(ckpt[key], Mapping):
         ckpt = ckpt[key]
     if not isinstance(ckpt, Mapping) or not ckpt or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         keys = list(ckpt)[:5] if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise CheckpointError(f"{path}: expected a state dict or a training checkpoint with key '{key}', got {keys}")
-    return dict(ckpt)
+    return dict(ckpt), dict(base) if base is not None else None
+
+
+def read_state_dict(path: str | os.PathLike, key: str = "network") -> dict[str, torch.Tensor]:
+    """The network state dict in a training checkpoint (``{key: state, ...}``, MONAI ``CheckpointSaver``) or a bare
+    state dict (``models/model.pt``); raise naming the file otherwise. For an adapter-sized checkpoint these are the
+    trained tensors only: :func:`load_weights` loads them onto the right base."""
+    return read_checkpoint(path, key)[0]
 
 
 def build_network(
@@ -118,15 +139,18 @@ def build_network(
     lora_targets: Sequence[str] = ("qkv", "proj", "lin1", "lin2"),
     trainable: Sequence[str] = ("prompt_encoder", "mask_decoder"),
     max_points: int = 16,
+    sam_checkpoint: str | None = None,
+    seed: int | None = None,
 ) -> PromptableSAM:
-    """An empty PromptableSAM (weights come from a checkpoint next; the random-init warning is silenced)."""
+    """A PromptableSAM whose weights come from a checkpoint next: on the base ``sam_checkpoint`` / ``seed`` when
+    the checkpoint holds only trained tensors, else any (the random-init warning is silenced)."""
     net_logger = logging.getLogger("bundle.networks.promptable_sam")
     level = net_logger.level
     net_logger.setLevel(logging.ERROR)
     try:
         return PromptableSAM(
-            model_size, image_size, in_channels, checkpoint=None, lora_rank=lora_rank, lora_alpha=lora_alpha,
-            lora_targets=lora_targets, trainable=trainable, max_points=max_points,
+            model_size, image_size, in_channels, checkpoint=sam_checkpoint, lora_rank=lora_rank, lora_alpha=lora_alpha,
+            lora_targets=lora_targets, trainable=trainable, max_points=max_points, seed=seed,
         )
     finally:
         net_logger.setLevel(level)
@@ -134,15 +158,38 @@ def build_network(
 
 def load_weights(net: nn.Module, path: str | os.PathLike, key: str = "network") -> nn.Module:
     """Load the checkpoint at ``path`` into ``net`` strictly; :class:`CheckpointError` names the file and what does
-    not match (configs/inference.yaml loads models/model.pt with it)."""
-    state = read_state_dict(path, key)
-    check_state_dict(state, net, os.fspath(path))
-    net.load_state_dict(state, strict=True)
+    not match (configs/inference.yaml loads models/model.pt with it). An adapter-sized checkpoint loads its trained
+    tensors onto ``net``'s base, which must be the base the checkpoint names (:func:`bundle.checkpoints.check_base`)."""
+    from bundle.checkpoints import check_base
+
+    state, base = read_checkpoint(path, key)
+    source = os.fspath(path)
+    if base is not None:
+        check_base(base, net, source)
+    check_state_dict(state, net, source, partial=base is not None)
+    net.load_state_dict(state, strict=base is None)
+    logger.info(
+        "loaded trained weights from %s (%s)", source,
+        f"trained tensors on the base {describe_base(base)}" if base is not None else "all weights",
+    )
     return net.eval()
 
 
 def load_network(path: str | os.PathLike, key: str = "network", **network_args) -> PromptableSAM:
-    """Build ``PromptableSAM(**network_args)`` and load the checkpoint at ``path`` strictly (clear error if not)."""
+    """Build ``PromptableSAM(**network_args)`` and load the checkpoint at ``path`` strictly (clear error if not).
+
+    For an adapter-sized checkpoint the network is built on the base it names (the official SAM file, which must
+    still be there, or the random initialisation of its seed)."""
+    _, base = read_checkpoint(path, key)
+    if base is not None:
+        sam = base.get("sam_checkpoint")
+        if base.get("initialisation") != "random" and not (sam and os.path.isfile(sam)):
+            raise CheckpointError(
+                f"{os.fspath(path)}: its trained weights apply to the base SAM checkpoint {sam} (sha256 "
+                f"{(base.get('sha256') or '')[:12]}…), which is not found: put that file back (or download it: "
+                "README, 'Official SAM checkpoints') to rebuild the network"
+            )
+        network_args = {**network_args, "sam_checkpoint": sam, "seed": base.get("seed")}
     return load_weights(build_network(**network_args), path, key)
 
 
@@ -338,6 +385,8 @@ class ExportBundle:
         experiment_name, run_name: find the run by name when no ``mlflow_handler`` is given.
         artifact_path: folder of the artifacts in the run.
         verify: check merged, eager and TorchScript outputs against each other.
+        resume_from: the training state this run resumed from, if any: ``checkpoint`` written before the resume is
+            then this run's best and is exported (otherwise only a ``checkpoint`` written by this process is).
     """
 
     def __init__(
@@ -352,7 +401,9 @@ class ExportBundle:
         run_name: str | None = None,
         artifact_path: str = ARTIFACT_PATH,
         verify: bool = True,
+        resume_from: str | None = None,
     ) -> None:
+        self.resume_from = resume_from
         self.output_dir, self.bundle_root, self.network, self.checkpoint = output_dir, bundle_root, network, checkpoint
         self.tracking_uri, self.mlflow_handler = tracking_uri, mlflow_handler
         self.experiment_name, self.run_name, self.artifact_path, self.verify = experiment_name, run_name, artifact_path, verify
@@ -376,14 +427,13 @@ class ExportBundle:
         net = self.network if self.network is not None else getattr(engine, "network", None)
         if net is None:
             raise ValueError("ExportBundle: no network given and the engine has none")
-        # the checkpoint only if this training wrote it (a stale one from an earlier run is not exported)
+        # the checkpoint only if this training wrote it, or the run it resumed (a stale one is not exported)
         fresh = self.checkpoint and os.path.isfile(self.checkpoint)
-        fresh = fresh and os.path.getmtime(self.checkpoint) >= getattr(self, "_start_time", 0.0) - 1.0
+        fresh = fresh and (
+            bool(self.resume_from) or os.path.getmtime(self.checkpoint) >= getattr(self, "_start_time", 0.0) - 1.0
+        )
         if fresh:
-            state = read_state_dict(self.checkpoint)
-            twin = copy.deepcopy(net).cpu()
-            check_state_dict(state, twin, self.checkpoint)
-            twin.load_state_dict(state, strict=True)
+            twin = load_weights(copy.deepcopy(net).cpu(), self.checkpoint)
             logger.info("ExportBundle: exporting %s", self.checkpoint)
             return twin
         return net

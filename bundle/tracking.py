@@ -1,14 +1,25 @@
-"""MLflow tracking helpers for the bundle configs: where runs go, what they are called, what they record."""
+"""MLflow tracking for the bundle configs: where runs go, what they are called, what they record.
+
+* :class:`MLFlowHandler`: MONAI's handler, made resumable: a resumed run goes on in the same MLflow run (reopened
+  even when it had finished), per-iteration metrics are committed with the epoch (logged at its end, when the
+  training state is saved), and a step already in the run is never logged twice.
+* :class:`FailedRun`: an exception ends the run as FAILED (KILLED for Ctrl-C) with the error as a tag.
+"""
 
 from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import os
 import time
 from pathlib import Path
 
+from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
+from monai.handlers import MLFlowHandler as _MonaiMLFlowHandler
+
+logger = logging.getLogger(__name__)
 
 
 def sqlite_uri(path: str) -> str:
@@ -78,3 +89,142 @@ def flatten_params(params: dict, prefix: str = "") -> dict:
         else:
             flat[name] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
     return flat
+
+
+class MLFlowHandler(_MonaiMLFlowHandler):
+    """``monai.handlers.MLFlowHandler`` for runs that can be killed and resumed.
+
+    Args:
+        resume: this process resumes a saved training state: the run named ``run_name`` goes on, even when it had
+            finished (a rerun with more ``max_epochs``); it is marked RUNNING again and closed as usual.
+        commit_with_epoch: log the per-iteration metrics at the end of their epoch, just before the training state
+            is saved, so that an epoch killed half-way (and run again on resume) leaves nothing in the run.
+        the rest: as ``monai.handlers.MLFlowHandler``.
+
+    Whatever the run already holds is not logged again: a metric step at or below the last step of that metric
+    in the run when this process joined it is skipped (the window between the commit and the save), and a
+    parameter already logged with another value (``max_epochs`` of a longer rerun) is recorded as the tag
+    ``resumed.<name>`` instead of failing (MLflow parameters cannot change).
+    """
+
+    def __init__(self, *args, resume: bool = False, commit_with_epoch: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.resume, self.commit_with_epoch = resume, commit_with_epoch
+        self._pending: list[tuple[dict, int, int]] = []
+        self._buffering = False
+        self._logged_until: dict[str, int] | None = None
+
+    def start(self, engine: Engine) -> None:
+        if self.resume and not self.cur_run and self.run_name:
+            self._set_experiment()
+            runs = self.client.search_runs(
+                [self.experiment.experiment_id], filter_string=f"attributes.run_name = '{self.run_name}'",
+                order_by=["attributes.start_time DESC"], max_results=1,
+            )
+            if runs:
+                run = runs[0]
+                if run.info.status != "RUNNING":
+                    self.client.update_run(run.info.run_id, status="RUNNING")
+                    logger.info("continuing MLflow run %s (id %s, was %s)", self.run_name, run.info.run_id,
+                                run.info.status)
+                self.cur_run = self.client.get_run(run.info.run_id)
+        super().start(engine)
+        if self._logged_until is None and self.cur_run is not None:
+            run_id = self.cur_run.info.run_id
+            self._logged_until = {
+                key: max(m.step for m in self.client.get_metric_history(run_id, key))
+                for key in self.client.get_run(run_id).data.metrics
+            }
+
+    def _log_params(self, params: dict) -> None:
+        if self.cur_run is not None:
+            logged = self.client.get_run(self.cur_run.info.run_id).data.params
+            changed = {k: v for k, v in params.items() if k in logged and logged[k] != str(v)}
+            for key, value in changed.items():
+                logger.info("MLflow param %s stays %s (logged first); this run's value %s is the tag resumed.%s",
+                            key, logged[key], value, key)
+                self.client.set_tag(self.cur_run.info.run_id, f"resumed.{key}", str(value))
+            params = {k: v for k, v in params.items() if k not in logged}
+        if params:
+            super()._log_params(params)
+
+    def iteration_completed(self, engine: Engine) -> None:
+        self._buffering = self.commit_with_epoch
+        try:
+            super().iteration_completed(engine)
+        finally:
+            self._buffering = False
+
+    def _log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        if self._buffering:
+            self._pending.append((dict(metrics), step or 0, int(time.time() * 1000)))
+        else:
+            self._write([(dict(metrics), step or 0, int(time.time() * 1000))])
+
+    def _write(self, entries: list[tuple[dict, int, int]]) -> None:
+        import mlflow
+        from monai.utils import flatten_dict
+
+        if not self.cur_run:
+            raise ValueError("Current Run is not Active to log metrics")
+        done = self._logged_until or {}
+        batch = [
+            mlflow.entities.Metric(key, value, stamp, step)
+            for metrics, step, stamp in entries
+            for key, value in flatten_dict(metrics).items()
+            if step > done.get(key, -1)
+        ]
+        if len(batch) < sum(len(flatten_dict(m)) for m, _, _ in entries):
+            logger.info("MLflow run already holds some of these steps (an interrupted attempt): not logged twice")
+        for start in range(0, len(batch), 1000):  # MLflow's log_batch limit
+            self.client.log_batch(run_id=self.cur_run.info.run_id, metrics=batch[start : start + 1000])
+
+    def flush(self) -> None:
+        """Log the per-iteration metrics held back since the last epoch end."""
+        pending, self._pending = self._pending, []
+        if pending and self.cur_run:
+            self._write(pending)
+
+    def epoch_completed(self, engine: Engine) -> None:
+        self.flush()
+        super().epoch_completed(engine)
+
+    def complete(self) -> None:
+        self.flush()
+        super().complete()
+
+
+class FailedRun:
+    """End the MLflow run as FAILED (KILLED for Ctrl-C) when training raises, with the error as the tag ``error``
+    and where it happened as ``failed_at``; the exception is raised again.
+
+    List it before every other handler: Ignite runs only the first ``EXCEPTION_RAISED`` handler when that one
+    raises (MONAI's ``StatsHandler`` does).
+
+    Args:
+        mlflow_handler: the trainer's :class:`MLFlowHandler`.
+    """
+
+    def __init__(self, mlflow_handler: _MonaiMLFlowHandler) -> None:
+        self.mlflow_handler = mlflow_handler
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self)
+
+    def __call__(self, engine: Engine, e: BaseException) -> None:
+        handler = self.mlflow_handler
+        run = getattr(handler, "cur_run", None)
+        if run is not None:
+            status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+            try:
+                if hasattr(handler, "flush"):
+                    handler.flush()  # the steps that led to the error
+                client, run_id = handler.client, run.info.run_id
+                client.set_tag(run_id, "error", f"{type(e).__name__}: {e}"[:4900])
+                client.set_tag(run_id, "failed_at", f"epoch {engine.state.epoch}, iteration {engine.state.iteration}")
+                client.set_terminated(run_id, status)
+                handler.cur_run = None
+                logger.error("MLflow run %s (id %s) ended as %s: %s", run.info.run_name, run_id, status, e)
+            except Exception as log_error:  # the training error matters more than the tracking one
+                logger.warning("could not mark MLflow run %s as %s: %s", run.info.run_id, status, log_error)
+        raise e

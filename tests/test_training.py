@@ -1,11 +1,11 @@
 """Training through `python -m monai.bundle run training`: MLflow logging, resume, and bad inputs."""
 
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -53,10 +53,11 @@ def test_training_logs_to_mlflow(tmp_path):
     ci_markers = ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS")
     env = {k: v for k, v in os.environ.items() if k not in ci_markers}
     env.update(PYTHONPATH=str(REPO / "tests" / "netguard"), NETGUARD_LOG=str(netlog))
-    proc = _run(tmp_path, "--max_epochs", "2", "--beta", "2.5", env=env)
+    proc = _run(tmp_path, "--max_epochs", "2", "--beta", "2.5", "--num_threads", "1", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not netlog.exists(), f"the training tried to reach the network: {netlog.read_text()}"
     out = proc.stdout + proc.stderr
+    assert "torch uses 1 CPU thread (num_threads 1)" in out
     assert "RANDOM INITIALISATION" in out
     assert f"best checkpoint (validation Dice): {tmp_path}/models/best_model.pt" in out
     assert "MLflow run: sampo_" in out and f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/eval/mlflow.db" in out
@@ -86,42 +87,60 @@ def test_training_logs_to_mlflow(tmp_path):
 
 
 def test_resume_after_kill(tmp_path):
-    """A run killed mid-training continues from the saved state, in the same MLflow run."""
-    epochs = 30
+    """Killed in epoch 3 of 4 and run again: the same MLflow run goes on from the saved state with the best metric,
+    the LR schedule and the logged steps exactly as an uninterrupted run has them, and no stale state is left."""
+    epochs = 4
     cmd = _command(tmp_path, "--max_epochs", str(epochs))
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            encoding="utf-8", errors="replace", start_new_session=True)
     models = tmp_path / "models"
-    deadline = time.time() + 300
-    while not list(models.glob("checkpoint_epoch=*.pt")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)  # let the saver finish writing
-    still_running = proc.poll() is None
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert still_running, "the run ended before it could be killed"
+    killed_in = None
+    try:
+        for line in proc.stdout:  # kill once the first iteration of epoch 3 is done (logged, not yet saved)
+            if f"Epoch: 3/{epochs}, Iter: 1/2" in line:
+                time.sleep(0.3)
+                killed_in = 3
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert killed_in, "the run ended before it could be killed"
     from bundle.engines import latest_checkpoint
 
-    latest = latest_checkpoint(str(models))  # the newest complete state (a kill may truncate the one being saved)
-    assert latest, "no epoch finished before the kill"
-    saved = [Path(latest)]
-    resumed_epoch = int(saved[-1].stem.split("=")[1])
-    assert resumed_epoch < epochs
+    latest = latest_checkpoint(str(models))
+    assert latest == str(models / "checkpoint_epoch=2.pt"), sorted(os.listdir(models))
+    client = _client(tmp_path)
+    (run,) = _runs(client)
+    rid = run.info.run_id
+    val = [m.value for m in client.get_metric_history(rid, "val_mean_dice")]
 
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     out = again.stdout + again.stderr
-    assert f"Resuming from {saved[-1]}" in out
-    assert f"Epoch: {resumed_epoch + 1}/{epochs}" in out and f"Epoch: {resumed_epoch}/{epochs}," not in out
-    assert "Epoch: 1/" not in out or resumed_epoch == 0
-    assert (models / f"checkpoint_epoch={epochs}.pt").is_file()
-    client = _client(tmp_path)
-    (run,) = _runs(client)  # the same run went on
-    assert run.info.status == "FINISHED"
-    assert _steps(client, run.info.run_id, "val_mean_dice")[-1] == epochs
-    assert _steps(client, run.info.run_id, "loss")[-1] == 2 * epochs
-    # once finished, the same command says so instead of training again
+    assert f"Resuming from {latest}" in out
+    assert f"Epoch: 3/{epochs}" in out and f"Epoch: 2/{epochs}," not in out and "Epoch: 1/" not in out
+    assert sorted(p.name for p in models.glob("checkpoint_epoch=*.pt")) == [f"checkpoint_epoch={epochs}.pt"]
+    (same,) = _runs(client)  # the same run went on
+    assert same.info.run_id == rid and same.info.status == "FINISHED"
+    # every step once, in order: nothing of the killed epoch is logged twice
+    assert _steps(client, rid, "val_mean_dice") == list(range(1, epochs + 1))
+    assert _steps(client, rid, "loss") == list(range(1, 2 * epochs + 1))
+    # the schedule of an uninterrupted run (cosine over max_epochs), not shifted by the resume
+    lr = [m.value for m in client.get_metric_history(rid, [k for k in client.get_run(rid).data.metrics if k.startswith("lr")][0])]
+    assert lr == pytest.approx([3e-4 * (1 + math.cos(math.pi * (e - 1) / epochs)) / 2 for e in range(1, epochs + 1) for _ in "it"])
+    # the best metric so far came back with the state: "new best" only when better than epochs 1-2
+    val += [m.value for m in client.get_metric_history(rid, "val_mean_dice")][2:]
+    for epoch in (3, 4):
+        better = val[epoch - 1] > max(val[: epoch - 1])
+        assert (f"Got new best metric of val_mean_dice: {val[epoch - 1]}" in out) == better, (epoch, val)
+    assert f"val_mean_dice best value: {max(val)}" in out
+    # once finished, the same command says so instead of training again, in the same run
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert done.returncode == 0 and f"is at epoch {epochs} of max_epochs {epochs}" in done.stdout
+    assert f"Nothing to train: already at epoch {epochs} of {epochs}" in done.stdout
+    (same,) = _runs(client)
+    assert same.info.run_id == rid and same.info.status == "FINISHED"
+    assert _steps(client, rid, "loss") == list(range(1, 2 * epochs + 1))
 
 
 def test_bad_inputs_stop_clearly_and_keep_what_was_written(tmp_path):

@@ -80,7 +80,7 @@ class DatasetWriter:
         except OSError as e:
             raise write_error(e, self.output) from e
 
-    def __enter__(self) -> "DatasetWriter":
+    def __enter__(self) -> DatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -9,7 +9,6 @@ from typing import Sequence
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-
 TARGETS = ("qkv", "proj", "lin1", "lin2")  # the linear layers of a SAM image-encoder block
 TRAINABLE = ("prompt_encoder", "mask_decoder")
 

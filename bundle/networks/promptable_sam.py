@@ -51,6 +51,8 @@ class PromptableSAM(nn.Module):
         lora_targets: names of the encoder's linear layers that get adapters.
         trainable: SAM parts trained in full beside the adapters (``prompt_encoder``, ``mask_decoder``).
         max_points: clicks read per guidance channel in the single-tensor forward.
+        seed: build the SAM weights from this seed (the global RNG is left as it was), so that a random base can
+            be rebuilt for the adapter-sized checkpoints of :mod:`bundle.checkpoints`; None: the global RNG.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class PromptableSAM(nn.Module):
         lora_targets: Sequence[str] = ("qkv", "proj", "lin1", "lin2"),
         trainable: Sequence[str] = ("prompt_encoder", "mask_decoder"),
         max_points: int = 16,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if in_channels not in (1, 3):
@@ -73,13 +76,19 @@ class PromptableSAM(nn.Module):
         self.image_size = image_size
         self.in_channels = in_channels
         self.max_points = max_points
-        sam = build_sam(model_size, image_size)
+        self.seed = seed
+        with torch.random.fork_rng(enabled=seed is not None, devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            sam = build_sam(model_size, image_size)
         self.initialisation = "random"
         if checkpoint and os.path.isfile(checkpoint):
             load_sam_checkpoint(sam, checkpoint)
             self.initialisation = os.path.basename(checkpoint)
         elif checkpoint and require_checkpoint:
             raise FileNotFoundError(f"SAM checkpoint not found: {checkpoint} (see README: download the checkpoint)")
+        elif not checkpoint:  # inference / export: trained weights replace these next (and say so when loaded)
+            logger.info("%s built with random weights (no SAM checkpoint given)", model_size)
         else:
             logger.warning(
                 "No SAM checkpoint found%s: %s starts from RANDOM INITIALISATION. "
