@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 LABEL_VENV := .venv-label
 LABEL_STAMP := $(LABEL_VENV)/.installed
 
-.PHONY: venv venv-label train test download clean
+.PHONY: venv venv-label train test base download clean
 
 # Nothing may reach the network on its own: no MLflow telemetry, no model-hub look-ups.
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -38,6 +38,20 @@ train: $(STAMP)
 
 test: $(STAMP) $(LABEL_STAMP)
 	$(PY) -m pytest $(ARGS)
+
+# The intent-gap testbed's base (docs/testbed.md): prepare the training data (shared CoNSeP and CT beside the
+# checkout, ../shared/data), then pretrain the `small` SAM on SAM's single-object objective, seeded (SEED), and
+# write models/sam_small_base.pth. Run again to resume; delete models/pretraining/ to start afresh.
+SHARED ?= ../shared/data
+SEED ?= 0
+data/consep/datalist.json: | $(STAMP)
+	$(PY) scripts/prepare_consep.py --input $(SHARED)/consep --output data/consep --type_scheme 4 --seed $(SEED)
+data/ct/datalist.json: | $(STAMP)
+	$(PY) scripts/prepare_synapse.py --pair $(SHARED)/ct_totalsegmentator_example/example_ct_sm.nii.gz \
+		$(SHARED)/ct_totalsegmentator_example/example_seg.nii.gz --label_mapping totalsegmentator --output data/ct
+base: $(STAMP) data/consep/datalist.json data/ct/datalist.json
+	$(PY) -m monai.bundle run pretraining --config_file "['configs/train.yaml','configs/pretrain.yaml']" \
+		--seed $(SEED) $(ARGS)
 
 # An official SAM checkpoint listed in large_files.yml (the only command that downloads anything).
 MODEL ?= vit_b

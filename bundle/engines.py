@@ -1,5 +1,9 @@
 """The SAMPO preference trainer: a MONAI ``Trainer`` with its own iteration, as MONAI's ``GanTrainer``.
 
+:class:`PromptTrainer` is the iteration shared with the pretraining objective (:mod:`bundle.pretraining`): batch to
+the device, the objective's loss, MONAI's iteration events, one optimiser step. :class:`SAMPOTrainer` is its
+preference objective.
+
 One iteration, for a batch of images with N prompt sets each (METHOD.md):
 
 1. the actor encodes every image once (LoRA on); the reference encodes them once (adapters off, no grad);
@@ -34,20 +38,25 @@ from bundle.networks import PromptableSAM
 from bundle.networks.decoding import best_slot, upsample
 from bundle.preference import SAMPOLoss
 
-LOGGED_TERMS = ("loss", "po1", "po2", "sup", "iou_head", "reward_margin", "preference_accuracy", "pairs")
+LOGGED_TERMS = ("loss", "po1", "po2", "sup", "iou_head", "reward_margin", "preference_accuracy", "pairs", "focal",
+                "dice_loss")
 
 
-class SAMPOTrainer(Trainer):
-    """Preference-optimisation trainer for :class:`bundle.networks.PromptableSAM`.
+class PromptTrainer(Trainer):
+    """A MONAI ``Trainer`` for :class:`bundle.networks.PromptableSAM` on batches of images with point prompts.
+
+    One iteration: move the batch to the device, :meth:`compute_loss` (the objective, defined by subclasses), fire
+    MONAI's iteration events, one optimiser step. The output holds ``pred`` / ``label`` for the metrics and the loss
+    terms for the handlers.
 
     Args:
         device: device to train on.
         max_epochs: number of epochs.
-        train_data_loader: yields dicts with ``image`` (B, C, H, W), ``label`` G (B, 1, H, W), ``points``
-            (B, N, P, 2) and ``point_labels`` (B, N, P) (see :class:`bundle.transforms.prompts.PromptSetsd`).
-        network: the actor; its adapters off give the reference.
+        train_data_loader: yields dicts with ``image`` (B, C, H, W), ``label`` (B, L, H, W), ``points``
+            (B, N, P, 2) and ``point_labels`` (B, N, P).
+        network: the network to train.
         optimizer: optimiser over the trainable parameters.
-        loss_function: :class:`bundle.preference.SAMPOLoss`.
+        loss_function: the objective's loss module, used by :meth:`compute_loss`.
         the rest: as :class:`monai.engines.Trainer`.
     """
 
@@ -58,7 +67,7 @@ class SAMPOTrainer(Trainer):
         train_data_loader: DataLoader,
         network: PromptableSAM,
         optimizer: Optimizer,
-        loss_function: SAMPOLoss,
+        loss_function: Callable,
         epoch_length: int | None = None,
         non_blocking: bool = False,
         postprocessing: Callable | None = None,
@@ -87,7 +96,12 @@ class SAMPOTrainer(Trainer):
         self.loss_function = loss_function
         self.optim_set_to_none = optim_set_to_none
 
-    def _iteration(self, engine: SAMPOTrainer, batchdata: dict[str, Any]) -> dict[str, Any]:
+    def compute_loss(self, images: torch.Tensor, targets: torch.Tensor, points: torch.Tensor,
+                     labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The objective on one batch: (pred logits, their label, loss terms with ``loss``) (subclasses)."""
+        raise NotImplementedError
+
+    def _iteration(self, engine: PromptTrainer, batchdata: dict[str, Any]) -> dict[str, Any]:
         if batchdata is None:
             raise ValueError("must provide batch data for current iteration.")
         device, nb = engine.state.device, engine.non_blocking
@@ -95,21 +109,10 @@ class SAMPOTrainer(Trainer):
         targets = batchdata[CommonKeys.LABEL].to(device, non_blocking=nb)
         points = batchdata["points"].to(device, non_blocking=nb).float()
         labels = batchdata["point_labels"].to(device, non_blocking=nb)
-        net = engine.network
-        net.train()
+        engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-
-        size = tuple(targets.shape[-2:])
-        low, iou_pred = net.decode(net.encode(images), points, labels, input_size=size)
-        with net.reference():
-            ref_low, _ = net.decode(net.encode(images), points, labels, input_size=size)
-        logits, ref_logits = upsample(low, size), upsample(ref_low, size)
-        out = engine.loss_function(logits, ref_logits, targets[:, 0], iou_pred)
-        out.pop("iou", None)
-        # training metrics over every prompt set: channel k = the best predicted-IoU mask of prompt set k
-        preds = best_slot(logits, iou_pred).detach()
-        engine.state.output = {CommonKeys.IMAGE: images, CommonKeys.LABEL: targets.expand_as(preds),
-                               CommonKeys.PRED: preds}
+        preds, pred_labels, out = engine.compute_loss(images, targets, points, labels)
+        engine.state.output = {CommonKeys.IMAGE: images, CommonKeys.LABEL: pred_labels, CommonKeys.PRED: preds.detach()}
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.state.output.update({k: v.detach() for k, v in out.items()})
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
@@ -118,6 +121,27 @@ class SAMPOTrainer(Trainer):
         engine.optimizer.step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)  # MONAI decollates the output here
         return engine.state.output
+
+
+class SAMPOTrainer(PromptTrainer):
+    """Preference-optimisation trainer for :class:`bundle.networks.PromptableSAM` (steps 1-3 of the module docstring).
+
+    Arguments as :class:`PromptTrainer`; ``label`` is G (B, 1, H, W), ``points`` / ``point_labels`` the N prompt
+    sets of :class:`bundle.transforms.prompts.PromptSetsd`, ``loss_function`` a :class:`bundle.preference.SAMPOLoss`.
+    """
+
+    def compute_loss(self, images, targets, points, labels):
+        net = self.network
+        size = tuple(targets.shape[-2:])
+        low, iou_pred = net.decode(net.encode(images), points, labels, input_size=size)
+        with net.reference():
+            ref_low, _ = net.decode(net.encode(images), points, labels, input_size=size)
+        logits, ref_logits = upsample(low, size), upsample(ref_low, size)
+        out = self.loss_function(logits, ref_logits, targets[:, 0], iou_pred)
+        out.pop("iou", None)
+        # training metrics over every prompt set: channel k = the best predicted-IoU mask of prompt set k
+        preds = best_slot(logits, iou_pred)
+        return preds, targets.expand_as(preds), out
 
 
 def loss_terms(output: Any) -> dict[str, float]:

@@ -1,5 +1,5 @@
-"""Point prompts drawn from a target mask: the training prompt sets of SAMPO's preference mining and the fixed
-evaluation prompts of METHOD.md.
+"""Point prompts drawn from a target mask: the training prompt sets of SAMPO's preference mining, the fixed
+evaluation prompts of METHOD.md, and the single-object prompts of SAM's own objective (pretraining the base).
 
 Training: each sample gets N prompt sets whose quality varies on purpose, so the masks they produce differ and
 preference pairs can be mined. A set draws 1..max_pos positives and 0..max_neg negatives, and has one value of
@@ -12,6 +12,10 @@ each of three qualities:
 
 Within one sample each quality takes both values as evenly as N allows (shuffled), so any two samples' sets span
 good and poor prompts alike: the sets really differ, not only by chance.
+
+Single-object prompts (:func:`single_object_prompts`): K objects of an instance map (nuclei; CT organs), drawn
+without replacement among those of at least ``min_area`` pixels, each with 1..max_clicks interior positives (the
+``interior`` source above); the target of a prompt is that object only.
 
 Points are (x, y) pixel coordinates; unused slots carry label -1 (SAM's "not a point").
 """
@@ -127,6 +131,37 @@ def _pad(points: list, labels: list, size: int):
         out_p[: len(points)] = np.asarray(points, np.float32)
         out_l[: len(labels)] = labels
     return out_p, out_l
+
+
+def single_object_prompts(inst: np.ndarray, n_objects: int, rng: np.random.Generator, min_clicks: int = 1,
+                          max_clicks: int = 3, min_area: int = 1):
+    """K = ``n_objects`` single-object prompts from an instance map ``inst`` (H, W) (0 background).
+
+    Objects of at least ``min_area`` pixels (all objects if none is that large) are drawn without replacement, with
+    replacement when there are fewer than K; each gets ``min_clicks``..``max_clicks`` interior-biased positives.
+    A map with no object gives empty targets, each prompted by one negative click anywhere.
+
+    Returns object ids (K,) (0: no object), points (K, max_clicks, 2) float32 and labels (K, max_clicks).
+    """
+    if not 1 <= min_clicks <= max_clicks:
+        raise ValueError(f"need 1 <= min_clicks <= max_clicks, got min_clicks {min_clicks}, max_clicks {max_clicks}")
+    if n_objects < 1:
+        raise ValueError(f"n_objects must be >= 1, got {n_objects}")
+    inst = np.asarray(inst)
+    ids, areas = np.unique(inst[inst > 0], return_counts=True)
+    if not len(ids):
+        ys, xs = rng.integers(inst.shape[0], size=n_objects), rng.integers(inst.shape[1], size=n_objects)
+        sets = [_pad([(float(x), float(y))], [0], max_clicks) for x, y in zip(xs, ys)]
+        return np.zeros(n_objects, np.int64), np.stack([s[0] for s in sets]), np.stack([s[1] for s in sets])
+    large = ids[areas >= min_area]
+    pool = large if len(large) else ids
+    chosen = rng.choice(pool, size=n_objects, replace=len(pool) < n_objects)
+    sampler = PromptSampler(inst > 0, inst, np.zeros(inst.shape, bool))
+    sets = []
+    for obj in chosen:
+        n = int(rng.integers(min_clicks, max_clicks + 1))
+        sets.append(_pad([sampler.positive(int(obj), True, rng) for _ in range(n)], [1] * n, max_clicks))
+    return chosen.astype(np.int64), np.stack([s[0] for s in sets]), np.stack([s[1] for s in sets])
 
 
 def evaluation_rng(seed: int, key: str) -> np.random.Generator:

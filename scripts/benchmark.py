@@ -1,10 +1,13 @@
 """Speed and memory of the SAMPO training step and of the single-tensor forward, per SAM size, on this machine.
 
     python scripts/benchmark.py --sizes tiny vit_b --write docs/benchmarks.md
+    python scripts/benchmark.py --objective pretraining --sizes small --batch 8 --n_sets 4 --image_size 256
 
 Each size runs in its own process so that peak memory (max RSS) is its own. A training step is one SAMPO
 iteration (actor + reference encode, N prompt sets decoded per image, loss, backward, AdamW step) on random
-images; the forward is `net(x)` on a (1, 5, 224, 224) input. Numbers are medians over the timed repeats after
+images, or with ``--objective pretraining`` one iteration of the base's pretraining (bundle/pretraining.py: one
+encode, N one-click single-object prompts per image, ``--correction_rounds`` corrective rounds, full training
+without LoRA); the forward is `net(x)` on a (1, 5, S, S) input. Numbers are medians over the timed repeats after
 one warm-up.
 """
 
@@ -23,7 +26,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def measure(size: str, batch: int, n_sets: int, repeats: int, image_size: int) -> dict:
+def measure(size: str, batch: int, n_sets: int, repeats: int, image_size: int, objective: str = "sampo",
+            correction_rounds: int = 0, loss_size: int | None = None) -> dict:
     import torch
 
     sys.path.insert(0, REPO)
@@ -31,18 +35,28 @@ def measure(size: str, batch: int, n_sets: int, repeats: int, image_size: int) -
     from bundle.guidance import points_to_guidance
     from bundle.networks import PromptableSAM
     from bundle.preference import SAMPOLoss
+    from bundle.pretraining import SingleObjectLoss, SingleObjectTrainer
 
     torch.manual_seed(0)
-    net = PromptableSAM(size, image_size, lora_rank=64 if size != "tiny" else 4)
+    pretraining = objective == "pretraining"
+    if pretraining:  # the base's pretraining: every part trained, no adapters
+        net = PromptableSAM(size, image_size, lora_rank=0, trainable=("image_encoder", "prompt_encoder", "mask_decoder"))
+    else:
+        net = PromptableSAM(size, image_size, lora_rank=64 if size != "tiny" else 4)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=3e-4)
     images = torch.rand(batch, 3, image_size, image_size)
-    target = (torch.rand(batch, 1, image_size, image_size) > 0.7).float()
-    points = torch.rand(batch, n_sets, 6, 2) * image_size
-    labels = torch.randint(0, 2, (batch, n_sets, 6))
+    clicks = 1 if pretraining else 6
+    target = (torch.rand(batch, n_sets if pretraining else 1, image_size, image_size) > 0.7).float()
+    points = torch.rand(batch, n_sets, clicks, 2) * image_size
+    labels = torch.randint(0, 2, (batch, n_sets, clicks))
     labels[..., 0] = 1
     batchdata = {"image": images, "label": target, "points": points, "point_labels": labels}
-    # the trainer's own iteration (encode once, decode every prompt set, mine, loss, step), without a data loader
-    trainer = SAMPOTrainer("cpu", 1, [batchdata], net, opt, SAMPOLoss(), decollate=False)
+    # the trainer's own iteration (encode once, decode every prompt set, loss, step), without a data loader
+    if pretraining:
+        trainer = SingleObjectTrainer("cpu", 1, [batchdata], net, opt, SingleObjectLoss(), decollate=False,
+                                      correction_rounds=correction_rounds, loss_size=loss_size)
+    else:
+        trainer = SAMPOTrainer("cpu", 1, [batchdata], net, opt, SAMPOLoss(), decollate=False)
 
     def step():
         trainer._iteration(trainer, batchdata)
@@ -76,27 +90,34 @@ def main(argv=None):
     parser.add_argument("--n_sets", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--objective", choices=("sampo", "pretraining"), default="sampo",
+                        help="the training step to time: SAMPO fine-tuning, or the base's pretraining")
+    parser.add_argument("--correction_rounds", type=int, default=0, help="pretraining: corrective-click rounds")
+    parser.add_argument("--loss_size", type=int, help="pretraining: loss grid side (default: the image size)")
     parser.add_argument("--write", help="markdown file to write the table to")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._child:
-        print(json.dumps(measure(args._child, args.batch, args.n_sets, args.repeats, args.image_size)))
+        print(json.dumps(measure(args._child, args.batch, args.n_sets, args.repeats, args.image_size, args.objective,
+                                 args.correction_rounds, args.loss_size)))
         return
     rows = []
     for size in args.sizes:
         cmd = [sys.executable, __file__, "--_child", size, "--batch", str(args.batch), "--n_sets", str(args.n_sets),
-               "--repeats", str(args.repeats), "--image_size", str(args.image_size)]  # fmt: skip
+               "--repeats", str(args.repeats), "--image_size", str(args.image_size), "--objective", args.objective,
+               "--correction_rounds", str(args.correction_rounds)]
+        cmd += ["--loss_size", str(args.loss_size)] if args.loss_size else []  # fmt: skip
         result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
         rows.append((size, result))
         print(f"{size}: {json.dumps({k: round(v, 3) for k, v in result.items()})}", flush=True)
     import torch
 
     table = [
-        f"Measured with `python scripts/benchmark.py --sizes {' '.join(args.sizes)} --batch {args.batch} "
-        f"--n_sets {args.n_sets} --image_size {args.image_size}` on {platform.processor() or platform.machine()}, "
+        f"Measured with `python scripts/benchmark.py --objective {args.objective} --correction_rounds "
+        f"{args.correction_rounds}{f' --loss_size {args.loss_size}' if args.loss_size else ''} --sizes {' '.join(args.sizes)} --batch {args.batch} --n_sets {args.n_sets} --image_size {args.image_size}` on {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPU cores, torch {torch.__version__} ({time.strftime('%Y-%m-%d')}).",
         "",
-        f"| SAM size | trainable params (M) | SAMPO step, batch {args.batch} x {args.n_sets} prompt sets (s) "
+        f"| SAM size | trainable params (M) | {args.objective} step, batch {args.batch} x {args.n_sets} prompt sets (s) "
         "| training images / s | forward `net(x)`, 1 image (s) | peak RSS (GiB) |",
         "|---|---|---|---|---|---|",
     ]

@@ -1,4 +1,4 @@
 from .promptable_sam import PromptableSAM
-from .sam_builder import SAM_SIZES, CheckpointError, build_sam, load_sam_checkpoint
+from .sam_builder import SAM_SIZES, CheckpointError, build_sam, load_sam_checkpoint, save_sam_checkpoint
 
-__all__ = ["PromptableSAM", "SAM_SIZES", "CheckpointError", "build_sam", "load_sam_checkpoint"]
+__all__ = ["PromptableSAM", "SAM_SIZES", "CheckpointError", "build_sam", "load_sam_checkpoint", "save_sam_checkpoint"]

@@ -8,6 +8,7 @@ resize absolute embeddings (bicubic).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from functools import partial
@@ -21,11 +22,24 @@ logger = logging.getLogger(__name__)
 PATCH_SIZE = 16
 OFFICIAL_IMAGE_SIZE = 1024
 
-# encoder width/depth/heads/global blocks as in segment_anything.build_sam; "tiny" is for tests only.
+# encoder width/depth/heads/global blocks as in segment_anything.build_sam; "small" is the base pretrained in this
+# bundle (configs/pretrain.yaml; docs/testbed.md says why these numbers), "tiny" is for tests only.
 SAM_SIZES: dict[str, dict] = {
     "vit_b": {"embed_dim": 768, "depth": 12, "num_heads": 12, "global_attn_indexes": (2, 5, 8, 11)},
     "vit_l": {"embed_dim": 1024, "depth": 24, "num_heads": 16, "global_attn_indexes": (5, 11, 17, 23)},
     "vit_h": {"embed_dim": 1280, "depth": 32, "num_heads": 16, "global_attn_indexes": (7, 15, 23, 31)},
+    "small": {
+        "embed_dim": 192,
+        "depth": 4,
+        "num_heads": 3,
+        "global_attn_indexes": (1, 3),
+        "window_size": 8,
+        "prompt_embed_dim": 128,
+        "decoder_mlp_dim": 512,
+        "decoder_heads": 4,
+        "iou_head_hidden_dim": 128,
+        "mask_in_chans": 16,
+    },
     "tiny": {
         "embed_dim": 64,
         "depth": 2,
@@ -159,3 +173,22 @@ def load_sam_checkpoint(model: Sam, path: str | os.PathLike) -> Sam:
     model.load_state_dict(adapt_state_dict(state, model, source=path), strict=True)
     logger.info("loaded SAM weights from %s", path)
     return model
+
+
+def save_sam_checkpoint(model: Sam, path: str | os.PathLike, dtype: torch.dtype | None = None) -> str:
+    """Write ``model``'s weights in the official key layout (what :func:`load_sam_checkpoint` reads) to ``path``.
+
+    Floating tensors are cast to ``dtype`` (e.g. ``torch.float16`` to halve the file) when given. The file is written
+    to ``path.tmp`` and renamed, so a killed run never leaves a truncated checkpoint. Returns its md5.
+    """
+    path = os.fspath(path)
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in model.state_dict().items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    with open(path, "rb") as f:
+        md5 = hashlib.md5(f.read()).hexdigest()
+    logger.info("wrote SAM weights to %s (md5 %s)", path, md5)
+    return md5

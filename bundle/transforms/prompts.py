@@ -1,4 +1,5 @@
-"""Prompt transforms: SAMPO's training prompt sets, the fixed evaluation prompts, and click guidance channels."""
+"""Prompt transforms: SAMPO's training prompt sets, the fixed evaluation prompts, the single-object prompts of SAM's
+own objective (pretraining), and click guidance channels."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from monai.transforms import MapTransform, Randomizable, Transform
 
 from bundle.guidance import points_to_guidance
-from bundle.prompts import PromptSampler, evaluation_points, evaluation_rng
+from bundle.prompts import PromptSampler, evaluation_points, evaluation_rng, single_object_prompts
 
 
 class PromptSetsd(Randomizable, Transform):
@@ -49,6 +50,49 @@ class EvalPromptsd(Transform):
         d = dict(data)
         rng = evaluation_rng(self.seed, f"{d.get('name', '')}#{d.get('target_class', 0)}")
         points, labels = evaluation_points(_np(d["label"])[0] > 0, self.n_pos, self.n_neg, rng)
+        d["points"], d["point_labels"] = torch.from_numpy(points), torch.from_numpy(labels)
+        return d
+
+
+class SingleObjectPromptsd(Randomizable, Transform):
+    """SAM's single-object prompts: K objects of the instance map, each with interior clicks; target = that object.
+
+    Reads ``label``, the (2, H, W) [instance, class] label (CT: channel 0 is the organ map, one organ one instance),
+    already at the model's resolution; writes ``label`` (K, H, W) float, one object's mask per prompt,
+    ``points`` (K, max_clicks, 2) and ``point_labels`` (K, max_clicks) (see :func:`bundle.prompts.single_object_prompts`).
+
+    Args:
+        n_objects: K prompts (objects) per image.
+        min_clicks, max_clicks: number of positive clicks per object, drawn uniformly in this range.
+        min_area: objects smaller than this (pixels) are not chosen while larger ones exist.
+        seed: ``None`` for training (seeded through MONAI's ``set_determinism`` like every random transform); a
+            number for validation / evaluation: each image then gets the same prompts in every run, from ``seed``
+            mixed with its ``name`` (as :class:`EvalPromptsd`).
+    """
+
+    def __init__(self, n_objects: int = 4, min_clicks: int = 1, max_clicks: int = 3, min_area: int = 1,
+                 seed: int | None = None) -> None:
+        self.n_objects, self.min_clicks, self.max_clicks, self.min_area = n_objects, min_clicks, max_clicks, min_area
+        self.seed = seed
+
+    def randomize(self, data=None) -> None:
+        self._seed = int(self.R.randint(2**31))
+
+    def __call__(self, data):
+        d = dict(data)
+        if self.seed is None:
+            self.randomize()
+            rng = np.random.default_rng(self._seed)
+        else:
+            rng = evaluation_rng(self.seed, f"{d.get('name', '')}#single")
+        maps = _np(d["label"])
+        if maps.ndim != 3 or maps.shape[0] != 2:
+            raise ValueError(f"label: expected a (2, H, W) [instance, class] label, got shape {maps.shape}")
+        inst = maps[0].astype(np.int64)
+        ids, points, labels = single_object_prompts(inst, self.n_objects, rng, self.min_clicks, self.max_clicks,
+                                                    self.min_area)
+        targets = (inst[None] == ids[:, None, None]) & (ids[:, None, None] > 0)
+        d["label"] = torch.from_numpy(targets.astype(np.float32))
         d["points"], d["point_labels"] = torch.from_numpy(points), torch.from_numpy(labels)
         return d
 
