@@ -9,10 +9,10 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
 from bundle.networks import PromptableSAM
 from bundle.pretraining import SingleObjectLoss, SingleObjectTrainer, corrective_clicks, dice_loss, focal_loss
 from bundle.transforms.prompts import SingleObjectPromptsd
+from conftest import REPO
 
 
 @pytest.fixture
