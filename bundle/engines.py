@@ -36,7 +36,6 @@ from torch.utils.data import DataLoader
 
 from bundle.networks import PromptableSAM
 from bundle.networks.decoding import best_slot, upsample
-from bundle.preference import SAMPOLoss
 
 LOGGED_TERMS = ("loss", "po1", "po2", "sup", "iou_head", "reward_margin", "preference_accuracy", "pairs", "focal",
                 "dice_loss")
