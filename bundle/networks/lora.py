@@ -18,7 +18,8 @@ def check_lora_args(rank, alpha=None, targets: Sequence[str] = TARGETS, trainabl
 
     ``rank``: an integer >= 0 (0: no adapters, as in a merged export; then there is no reference policy, so SAMPO
     training needs rank >= 1). ``alpha``: ``None`` (= rank) or a number > 0. ``targets``: a non-empty list of
-    :data:`TARGETS`. ``trainable``: a list of :data:`TRAINABLE`.
+    :data:`TARGETS`. ``trainable``: a list of :data:`TRAINABLE`; with ``rank`` 0 also ``image_encoder`` (full
+    training of the whole SAM, as the testbed's pretraining does).
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
         raise ValueError(
@@ -37,9 +38,11 @@ def check_lora_args(rank, alpha=None, targets: Sequence[str] = TARGETS, trainabl
         )
     if isinstance(trainable, str) or not isinstance(trainable, Sequence):
         raise ValueError(f"trainable_parts must be a list among {list(TRAINABLE)}, got {trainable!r}")
-    unknown = sorted(set(trainable) - set(TRAINABLE))
+    allowed = TRAINABLE + (("image_encoder",) if rank == 0 else ())
+    unknown = sorted(set(trainable) - set(allowed))
     if unknown:
-        raise ValueError(f"trainable parts must be among {', '.join(TRAINABLE)}; got {unknown}")
+        hint = " (image_encoder only with lora_rank 0: with adapters it is frozen)" if "image_encoder" in unknown else ""
+        raise ValueError(f"trainable parts must be among {', '.join(allowed)}; got {unknown}{hint}")
 
 
 def add_lora(
