@@ -267,11 +267,17 @@ def export_torchscript(
         logger.info("TorchScript matches the eager network (max |diff| %.3g)", diff)
     filepath = os.fspath(filepath)
     extra = {"inference.json": json.dumps(dict(inference_config)).encode()} if inference_config is not None else None
-    with atomic_write(filepath, "wb") as f:  # a failed write keeps the previous model.ts
+    # TorchScript names the archive's root folder after the file it writes ("archive" for a stream), and MONAI
+    # Deploy's bundle operator reads <stem>/extra/metadata.json: stage the file under its own name, then copy it in
+    # atomically (a failed write keeps the previous model.ts)
+    with tempfile.TemporaryDirectory(prefix="sampo-export-") as tmp:
+        staged = os.path.join(tmp, os.path.basename(filepath))
         save_net_with_metadata(
-            ts, f, include_config_vals=False, append_timestamp=False, meta_values=dict(metadata or {}),
+            ts, staged, include_config_vals=False, append_timestamp=False, meta_values=dict(metadata or {}),
             more_extra_files=extra,
         )
+        with open(staged, "rb") as src, atomic_write(filepath, "wb") as f:
+            shutil.copyfileobj(src, f)
     if verify:  # what is on disk, as a client loads it
         loaded = torch.jit.load(filepath, map_location="cpu")
         verify_torchscript(loaded, net)

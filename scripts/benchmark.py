@@ -113,8 +113,11 @@ def main(argv=None):
     import torch
 
     table = [
-        f"Measured with `python scripts/benchmark.py --objective {args.objective} --correction_rounds "
-        f"{args.correction_rounds}{f' --loss_size {args.loss_size}' if args.loss_size else ''} --sizes {' '.join(args.sizes)} --batch {args.batch} --n_sets {args.n_sets} --image_size {args.image_size}` on {platform.processor() or platform.machine()}, "
+        f"Measured with `python scripts/benchmark.py --sizes {' '.join(args.sizes)} --batch {args.batch} "
+        f"--n_sets {args.n_sets} --image_size {args.image_size} --objective {args.objective}"
+        + (f" --correction_rounds {args.correction_rounds}" if args.objective == "pretraining" else "")
+        + (f" --loss_size {args.loss_size}" if args.loss_size else "")
+        + f"` on {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPU cores, torch {torch.__version__} ({time.strftime('%Y-%m-%d')}).",
         "",
         f"| SAM size | trainable params (M) | {args.objective} step, batch {args.batch} x {args.n_sets} prompt sets (s) "

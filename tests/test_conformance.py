@@ -70,6 +70,20 @@ def as_input(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
 
 
+def assert_batch_equals_sam_predictor(model, sam, images: np.ndarray, rng, counts) -> None:
+    """``model(x)`` on a batch with (foreground, background) ``counts`` clicks per image equals SamPredictor's best
+    predicted-IoU logits on ``sam``, image by image."""
+    s = images.shape[1]
+    clicks = [random_clicks(rng, s, *c) for c in counts]
+    guidance = torch.cat([points_to_guidance(torch.from_numpy(p)[None], torch.from_numpy(lab)[None], (s, s))
+                          for p, lab in clicks])
+    with torch.no_grad():
+        out = model(torch.cat([as_input(images[: len(counts)]), guidance], 1))
+    for b, (p, lab) in enumerate(clicks):
+        best, _ = reference_logits(sam, images[b], p, lab)
+        torch.testing.assert_close(out[b, 0], best, atol=ATOL, rtol=0)
+
+
 def test_trainer_decode_equals_sam_predictor(setting):
     """The trainer's batched decode of padded prompt sets (B=2, N=3, sets of different sizes, 0 negatives too)."""
     net, images, rng = setting
@@ -104,15 +118,7 @@ def test_the_trainer_and_net_x_decode_the_same_tokens(setting):
 def test_net_x_equals_sam_predictor_for_any_click_counts(setting):
     """``net(x)`` on a batch of 3 with different click counts per image (1 to 16 per channel, 0 negatives)."""
     net, images, rng = setting
-    s = net.image_size
-    clicks = [random_clicks(rng, s, *c) for c in [(1, 0), (3, 2), (16, 16)]]
-    guidance = torch.cat([points_to_guidance(torch.from_numpy(p)[None], torch.from_numpy(lab)[None], (s, s))
-                          for p, lab in clicks])
-    with torch.no_grad():
-        out = net(torch.cat([as_input(images), guidance], 1))
-    for b, (p, lab) in enumerate(clicks):
-        best, _ = reference_logits(net._sam, images[b], p, lab)
-        torch.testing.assert_close(out[b, 0], best, atol=ATOL, rtol=0)
+    assert_batch_equals_sam_predictor(net, net._sam, images, rng, [(1, 0), (3, 2), (16, 16)])
 
 
 def test_sensitivity_grid_equals_sam_predictor(setting):
@@ -165,14 +171,6 @@ def test_torchscript_equals_sam_predictor(setting, tmp_path):
     from bundle.export import export_torchscript, merge_lora
 
     net, images, rng = setting
-    s = net.image_size
     merged = merge_lora(net)
     ts = torch.jit.load(export_torchscript(merged, tmp_path / "model.ts", verify=False))
-    clicks = [random_clicks(rng, s, *c) for c in [(2, 0), (1, 1), (16, 5)]]
-    guidance = torch.cat([points_to_guidance(torch.from_numpy(p)[None], torch.from_numpy(lab)[None], (s, s))
-                          for p, lab in clicks])
-    with torch.no_grad():
-        out = ts(torch.cat([as_input(images), guidance], 1))
-    for b, (p, lab) in enumerate(clicks):
-        best, _ = reference_logits(merged._sam, images[b], p, lab)
-        torch.testing.assert_close(out[b, 0], best, atol=ATOL, rtol=0)
+    assert_batch_equals_sam_predictor(ts, merged._sam, images, rng, [(2, 0), (1, 1), (16, 5)])
