@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 LABEL_VENV := .venv-label
 LABEL_STAMP := $(LABEL_VENV)/.installed
 
-.PHONY: venv venv-label train test base download clean
+.PHONY: venv venv-label train test base results download clean
 
 # Nothing may reach the network on its own: no MLflow telemetry, no model-hub look-ups.
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -52,6 +52,28 @@ data/ct/datalist.json: | $(STAMP)
 base: $(STAMP) data/consep/datalist.json data/ct/datalist.json
 	$(PY) -m monai.bundle run pretraining --config_file "['configs/train.yaml','configs/pretrain.yaml']" \
 		--seed $(SEED) $(ARGS)
+
+# The papers' comparison on the testbed base (docs/results.md): zero-shot / supervised / SAMPO on CoNSeP T1 and T2
+# at 10 % and 100 % of the training split, the loss-term ablations and beta at 10 %, over SEEDS, the base's
+# single-click Dice on the test split. Runs live in RUNS (outside the repository; reruns reuse finished runs), the
+# tables are written to docs/results/. JOBS trainings at once, one thread each.
+RUNS ?= ../sampo_runs
+SEEDS ?= 0 1 2
+SEEDS_FULL ?= $(SEEDS)
+JOBS ?= 2
+TESTBED := --model_size small --image_size 256 --max_epochs 6 --batch_size 4 --val_interval 3 \
+	--datalist data/consep/datalist.json --sensitivity_max_images 30 --threads 1 --jobs $(JOBS) --bundle_root_base $(RUNS)
+results: $(STAMP) data/consep/datalist.json
+	OMP_NUM_THREADS=1 $(PY) -m monai.bundle run evaluating_base --config_file "['configs/train.yaml','configs/pretrain.yaml']" \
+		--base_checkpoint models/sam_small_base.pth --output_dir $(RUNS)/base --num_threads 1
+	$(PY) scripts/run_experiments.py --set main --task consep_t1 consep_t2 --train_fraction 10 --seeds $(SEEDS) $(TESTBED) \
+		--output docs/results/testbed_f10.md
+	$(PY) scripts/run_experiments.py --set main --task consep_t1 consep_t2 --train_fraction 100 --seeds $(SEEDS_FULL) \
+		$(TESTBED) --output docs/results/testbed_f100.md
+	$(PY) scripts/run_experiments.py --set ablation_terms --task consep_t1 consep_t2 --train_fraction 10 --seeds $(SEEDS) \
+		$(TESTBED) --no_sensitivity --output docs/results/testbed_ablation_f10.md
+	$(PY) scripts/run_experiments.py --set beta --configs beta_0.1 sampo beta_10 --task consep_t1 --train_fraction 10 \
+		--seeds $(SEEDS) $(TESTBED) --no_sensitivity --output docs/results/testbed_beta_f10.md
 
 # An official SAM checkpoint listed in large_files.yml (the only command that downloads anything).
 MODEL ?= vit_b

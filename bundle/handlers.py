@@ -24,6 +24,7 @@ from monai.engines.utils import IterationEvents
 from bundle.checkpoints import BaseModel, TrainedWeights
 from bundle.engines import LOGGED_TERMS, latest_checkpoint
 from bundle.networks import CheckpointError
+from bundle.networks.bases import describe
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,9 @@ class RunSummary:
 
     def started(self, engine: Engine) -> None:
         self.run = getattr(self.mlflow_handler, "cur_run", None)  # the MLflow handler closes it on completion
-        if self.initialisation == "random":
-            print("NOTE: training SAM from RANDOM INITIALISATION (no official checkpoint in models/; see README).")
+        note = describe(self.initialisation)
+        if note:
+            print(f"NOTE: {note}.")
 
     @staticmethod
     def what_happened(engine: Engine) -> str:
@@ -79,8 +81,9 @@ class RunSummary:
                 f"  MLflow store: {uri}",
                 f"  open it with: mlflow ui --backend-store-uri {uri}",
             ]
-        if self.initialisation == "random":
-            lines.append("  (the network was trained from random initialisation)")
+        note = describe(self.initialisation)
+        if note:
+            lines.append(f"  (started from: {note})")
         print("\n".join(lines), flush=True)
 
 

@@ -1,15 +1,18 @@
-"""Run a set of baseline / ablation experiments (configs/experiments/*.yaml): train each, evaluate it on the test
-split with configs/evaluate.yaml, and write a markdown comparison table in the papers' layout (rows = methods,
-columns = Dice / IoU per task or per training fraction).
+"""Run a set of baseline / ablation experiments (configs/experiments/*.yaml) over seeds: train each, evaluate it on
+the test split with configs/evaluate.yaml, and write markdown tables in the papers' layout (rows = methods, columns
+= Dice / IoU per task or per training fraction), as mean +- standard deviation over the seeds.
 
-    python scripts/run_experiments.py --set main --task consep_t1 consep_t2 \
+    python scripts/run_experiments.py --set main --task consep_t1 consep_t2 --seeds 0 1 2 \
         --datalist /tmp/consep_prepared/datalist.json --bundle_root_base /tmp/sampo_runs \
         --model_size tiny --max_epochs 4 --output /tmp/sampo_runs/main.md
 
-Each run lives in ``<bundle_root_base>/<task>/f<fraction>/<experiment>`` (its models/, eval/mlflow.db and
+Each run lives in ``<bundle_root_base>/<task>/f<fraction>/<experiment>/seed<k>`` (its models/, eval/mlflow.db and
 eval/evaluation/). A run whose final training state ``models/checkpoint_epoch=<max_epochs>.pt`` exists is not
 trained again, and its evaluation is reused when ``eval/evaluation/summary.json`` exists (``--force`` redoes both).
-``--task t1`` / ``t2`` without a task config trains on the embedded synthetic set.
+A method that does not train (zero-shot) is evaluated once (the first seed): it has nothing random to average.
+``--task t1`` / ``t2`` without a task config trains on the embedded synthetic set. ``--jobs J`` runs J trainings at
+once (give each ``--threads 1``). Besides the test scores, each row reports the validation Dice of the final
+epoch (from the run's MLflow store): what hyperparameters are chosen on (docs/results.md, "Choosing beta").
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,6 +35,7 @@ EXPERIMENTS = os.path.join(REPO, "configs", "experiments")
 # set name -> (method configs = table rows, column configs or None). Columns default to one per task.
 SETS = {
     "main": (["zero_shot", "supervised", "sampo"], None),
+    "testbed": (["zero_shot", "supervised", "sampo"], ["fraction_10", "fraction_100"]),
     "ablation_terms": (["supervised", "po1_sup", "po2_sup", "po1_po2", "sampo"], None),
     "lambda_dw": (["lambda_dw_0.1", "lambda_dw_0.5", "lambda_dw_1", "lambda_dw_2"], None),
     "lora_rank": (["lora_rank_4", "lora_rank_8", "lora_rank_32", "lora_rank_64"], None),
@@ -98,17 +104,30 @@ def max_epochs_of(args) -> int:
         return int(yaml.safe_load(f)["max_epochs"])
 
 
-def one(args, task: str, method: dict, column: dict | None, env: dict) -> dict:
-    """Train (unless zero-shot or already done) and evaluate one method on one task / column; return the summary."""
+def validation_dice(root: str) -> float | None:
+    """The last ``val_mean_dice`` the run logged to its MLflow store (``<root>/eval/mlflow.db``), or None."""
+    db = os.path.join(root, "eval", "mlflow.db")
+    if not os.path.isfile(db):
+        return None
+    import sqlite3
+
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+        row = con.execute("SELECT value FROM metrics WHERE key = 'val_mean_dice' ORDER BY step DESC, timestamp DESC "
+                          "LIMIT 1").fetchone()
+    return float(row[0]) if row else None
+
+
+def one(args, task: str, method: dict, column: dict | None, seed: int, env: dict) -> dict:
+    """Train (unless zero-shot or already done) and evaluate one method on one task / column / seed; return the
+    evaluation summary (plus ``bundle_root`` and ``val_dice``)."""
     files, task_over, _ = task_configs(task)
     base = [os.path.join(REPO, "configs", "train.yaml"), *files]
     exp_files = [method["path"]] + ([column["path"]] if column else [])
     fraction = (column or method)["cfg"].get("train_fraction", args.train_fraction)
-    root = os.path.join(args.bundle_root_base, task, f"f{fraction}", method["name"])
-    common = [*task_over, *_overrides(args), "--train_fraction", str(fraction)]
+    root = os.path.join(args.bundle_root_base, task, f"f{fraction}", method["name"], f"seed{seed}")
+    common = [*task_over, *_overrides(args), "--train_fraction", str(fraction), "--seed", str(seed)]
     mono = [sys.executable, "-m", "monai.bundle", "run"]
-    epochs = max_epochs_of(args)
-    final = os.path.join(root, "models", f"checkpoint_epoch={epochs}.pt")
+    final = os.path.join(root, "models", f"checkpoint_epoch={max_epochs_of(args)}.pt")
     if method["train"] and (args.force or not os.path.isfile(final)):
         run([*mono, "training", "--config_file", _config_arg(base + exp_files), "--bundle_root", root, *common],
             os.path.join(root, "train.log"), env, args.dry_run)
@@ -132,44 +151,86 @@ def one(args, task: str, method: dict, column: dict | None, env: dict) -> dict:
     with open(summary_path) as f:
         summary = json.load(f)
     summary["bundle_root"] = root
+    summary["val_dice"] = validation_dice(root) if method["train"] else None
+    return summary
+
+
+def _stat(values: list) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+def _get(summary: dict, *keys):
+    for k in keys:
+        summary = summary.get(k) if isinstance(summary, dict) else None
     return summary
 
 
 def table(rows: list[dict], columns: list[str], results: dict, title: str, notes: list[str]) -> str:
-    """Markdown table: one row per method, Dice and IoU per column (task or fraction)."""
-    head = "| Method | " + " | ".join(f"{c} Dice | {c} IoU" for c in columns) + " |"
-    lines = [f"### {title}", "", head, "|---" * (1 + 2 * len(columns)) + "|"]
+    """Markdown: one row per method, Dice / IoU (mean ± sd over seeds) per column, the oracle slot's Dice, the final
+    validation Dice, then per-class (T2) and per-density-stratum (T1) Dice where the evaluation has them."""
+    head = "| Method | " + " | ".join(f"{c} Dice | {c} IoU | {c} oracle Dice | {c} val Dice" for c in columns) + " |"
+    lines = [f"### {title}", "", head, "|---" * (1 + 4 * len(columns)) + "|"]
     for method in rows:
         cells = []
         for c in columns:
-            s = results.get((method["name"], c))
-            o = s["overall"] if s else None
-            cells += [f"{o['dice']:.4f}", f"{o['iou']:.4f}"] if o else ["-", "-"]
-        lines.append(f"| {method['label']} | " + " | ".join(cells) + " |")
+            runs = results.get((method["name"], c), [])
+            cells += [_stat([_get(s, "overall", "dice") for s in runs]), _stat([_get(s, "overall", "iou") for s in runs]),
+                      _stat([_get(s, "overall", "oracle_dice") for s in runs]), _stat([s.get("val_dice") for s in runs])]
+        n = max((len(results.get((method["name"], c), [])) for c in columns), default=0)
+        lines.append(f"| {method['label']} (n={n}) | " + " | ".join(cells) + " |")
     cells = []
     for c in columns:  # the trivial reference: the whole image predicted as target
-        ref = next((s.get("all_foreground") for (m, cc), s in results.items() if cc == c and s.get("all_foreground")), None)
-        cells += [f"{ref['dice']:.4f}", f"{ref['iou']:.4f}"] if ref else ["-", "-"]
+        ref = next((s["all_foreground"] for (m, cc), runs in results.items() if cc == c for s in runs
+                    if s.get("all_foreground")), None)
+        cells += ([f"{ref['dice']:.3f}", f"{ref['iou']:.3f}"] if ref else ["-", "-"]) + ["", ""]
     lines.append("| *(reference) whole image predicted as target* | " + " | ".join(cells) + " |")
-    lines += ["", "Mean share of the image predicted as target (annotated share in brackets):", "",
-              "| Method | " + " | ".join(columns) + " |", "|---" * (1 + len(columns)) + "|"]
-    for method in rows:
-        cells = []
+    for section, what in (("per_class", "class (T2: mean over (image, class) items)"), ("per_stratum", "density stratum")):
         for c in columns:
-            o = (results.get((method["name"], c)) or {}).get("overall", {})
-            cells.append(f"{o['pred_fraction']:.3f} ({o['target_fraction']:.3f})" if "pred_fraction" in o else "-")
-        lines.append(f"| {method['label']} | " + " | ".join(cells) + " |")
+            groups = sorted({g for m in rows for s in results.get((m["name"], c), []) for g in (s.get(section) or {})})
+            if not groups:
+                continue
+            lines += ["", f"Dice per {what}, {c}:", "", "| Method | " + " | ".join(groups) + " |",
+                      "|---" * (1 + len(groups)) + "|"]
+            for m in rows:
+                runs = results.get((m["name"], c), [])
+                lines.append(f"| {m['label']} | " + " | ".join(_stat([_get(s, section, g, "dice") for s in runs])
+                                                            for g in groups) + " |")
     return "\n".join(lines + [""] + notes) + "\n"
 
 
-def main(argv=None) -> int:
+def heatmaps(rows: list[dict], results: dict, column: str, path: str) -> str | None:
+    """The prompt-sensitivity heatmaps of the first seed of each method, side by side, as one PNG."""
+    from PIL import Image
+
+    from bundle.io import save_png
+
+    tiles = []
+    for m in rows:
+        runs = results.get((m["name"], column), [])
+        png = os.path.join(runs[0]["bundle_root"], "eval", "evaluation", "prompt_sensitivity.png") if runs else ""
+        if os.path.isfile(png):
+            tiles.append(np.asarray(Image.open(png).convert("RGB")))
+    if not tiles:
+        return None
+    h = max(t.shape[0] for t in tiles)
+    tiles = [np.pad(t, ((0, h - t.shape[0]), (0, 8), (0, 0)), constant_values=255) for t in tiles]
+    return save_png(np.concatenate(tiles, axis=1), path)
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--set", choices=sorted(SETS), default="main", help="which experiments (default main)")
     p.add_argument("--configs", nargs="+", help="experiment config names instead of a set's rows")
     p.add_argument("--task", nargs="+", default=["t1"], help="configs/tasks/ names (consep_t1 ...) or t1/t2/organ")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds of each trained method (default 0)")
     p.add_argument("--datalist", help="prepared datalist.json (default: the task config's / synthetic)")
     p.add_argument("--bundle_root_base", required=True, help="folder of the runs (never the repository)")
-    p.add_argument("--model_size", help="vit_b (default of train.yaml) | tiny ...")
+    p.add_argument("--model_size", help="vit_b | small | tiny (default: train.yaml's base)")
     p.add_argument("--max_epochs", type=int)
     p.add_argument("--image_size", type=int)
     p.add_argument("--learning_rate", type=float)
@@ -183,13 +244,21 @@ def main(argv=None) -> int:
     p.add_argument("--sensitivity_max_images", type=int, help="prompt-sensitivity grid on the first N items only")
     p.add_argument("--no_sensitivity", action="store_true")
     p.add_argument("--threads", type=int, help="OMP/torch threads of each run (OMP_NUM_THREADS)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
     p.add_argument("--force", action="store_true", help="train and evaluate again even when results exist")
     p.add_argument("--dry_run", action="store_true", help="print the commands only")
-    p.add_argument("--output", help="markdown table (default <bundle_root_base>/<set>.md)")
+    p.add_argument("--output", help="markdown table (default <bundle_root_base>/<set>.md); a .json and, with the "
+                                    "sensitivity grid, a .png of the heatmaps are written beside it")
     args = p.parse_args(argv)
     if os.path.abspath(args.bundle_root_base).startswith(REPO + os.sep):
         raise SystemExit("--bundle_root_base must be outside the repository")
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
+    return args
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     row_names, col_names = SETS[args.set]
     methods = [experiment_meta(n) for n in (args.configs or row_names)]
     with open(os.path.join(REPO, "configs", "train.yaml")) as f:
@@ -203,34 +272,43 @@ def main(argv=None) -> int:
     env.setdefault("DO_NOT_TRACK", "true")
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    results, titles = {}, []
+    jobs, titles = [], []
     for task in args.task:
         tname = task_configs(task)[2]
         for col in columns:
             title = tname if col is None else f"{tname} {col['cfg'].get('train_fraction')}%"
             titles.append(title)
             for method in methods:
-                results[(method["name"], title)] = one(args, task, method, col, env)
+                for seed in args.seeds if method["train"] else args.seeds[:1]:
+                    jobs.append(((method["name"], title), (args, task, method, col, seed, env)))
+    with ThreadPoolExecutor(max_workers=1 if args.dry_run else args.jobs) as pool:
+        done = [(key, pool.submit(one, *call)) for key, call in jobs]
+    results: dict = {}
+    for key, future in done:
+        results.setdefault(key, []).append(future.result())
     if args.dry_run:
         return 0
-    any_summary = next(iter(results.values()))
+    any_summary = results[jobs[0][0]][0]
     params = any_summary.get("params", {})
     notes = [
         f"Test split: {any_summary.get('n_images')} images per task"
         + (f" (first {args.eval_max_images})" if args.eval_max_images else "")
         + f"; model {params.get('model_size')} at {params.get('image_size')} px, initialisation "
-        f"{params.get('initialisation')}; checkpoint: {args.checkpoint}; max_epochs {max_epochs_of(args)}.",
+        f"{params.get('initialisation')}; checkpoint: {args.checkpoint}; max_epochs {max_epochs_of(args)}; "
+        f"seeds {' '.join(map(str, args.seeds))} (mean ± sample sd; n = runs per cell).",
         "Command: `python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO), *(argv or sys.argv[1:])]) + "`",
     ]
     text = table(methods, titles, results, f"Set `{args.set}`", notes)
     out = args.output or os.path.join(args.bundle_root_base, f"{args.set}.md")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
+    from bundle.io import atomic_write, save_json
+
+    with atomic_write(out, "w", encoding="utf-8") as f:
         f.write(text)
-    with open(os.path.splitext(out)[0] + ".json", "w") as f:
-        json.dump({f"{m}|{c}": s for (m, c), s in results.items()}, f, indent=1, default=str)
+    save_json({f"{m}|{c}": runs for (m, c), runs in results.items()}, os.path.splitext(out)[0] + ".json", default=str)
+    figure = None if args.no_sensitivity else heatmaps(methods, results, titles[0], os.path.splitext(out)[0] + ".png")
     print(text)
-    print(f"table: {out}")
+    print(f"table: {out}" + (f"\nheatmaps ({titles[0]}, first seed): {figure}" if figure else ""))
     return 0
 
 

@@ -1,0 +1,61 @@
+"""scripts/run_experiments.py: seeds, aggregation over seeds, validation Dice read back from MLflow."""
+
+import importlib.util
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "run_experiments.py"
+spec = importlib.util.spec_from_file_location("run_experiments", SCRIPT)
+rx = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(rx)
+
+
+def test_dry_run_trains_every_seed_and_evaluates_zero_shot_once(tmp_path):
+    dry = subprocess.run([sys.executable, str(SCRIPT), "--set", "main", "--task", "t1", "--seeds", "3", "4",
+                          "--bundle_root_base", str(tmp_path), "--model_size", "tiny", "--max_epochs", "1", "--dry_run"],
+                         capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    lines = [ln for ln in dry.stdout.splitlines() if ln.startswith("$ ")]
+    trains = [ln for ln in lines if "run training" in ln]
+    assert len(trains) == 4 and len(lines) == 9  # 2 methods x 2 seeds trained + evaluated, zero-shot evaluated once
+    assert sum(f"supervised/seed{s} " in ln and f"--seed {s}" in ln for ln in trains for s in (3, 4)) == 2
+    assert "zero_shot/seed3" in lines[0] and not any("zero_shot/seed4" in ln for ln in lines)
+
+
+def _summary(dice, val=None, per_class=None):
+    return {"overall": {"dice": dice, "iou": dice / 2, "oracle_dice": dice + 0.1}, "val_dice": val,
+            "per_class": {k: {"dice": v} for k, v in (per_class or {}).items()}}
+
+
+def test_table_reports_mean_and_sample_sd_over_seeds_and_per_class_cells():
+    rows = [{"name": "sup", "label": "Supervised"}, {"name": "zs", "label": "Zero-shot"}]
+    results = {("sup", "T2"): [_summary(0.5, 0.4, {"a": 0.2}), _summary(0.7, 0.6, {"a": 0.4})],
+               ("zs", "T2"): [_summary(0.1, None, {"a": 0.05})]}
+    text = rx.table(rows, ["T2"], results, "t", [])
+    sup = next(ln for ln in text.splitlines() if ln.startswith("| Supervised (n=2)"))
+    assert "0.600 ± 0.141" in sup and "0.300 ± 0.071" in sup and "0.700 ± 0.141" in sup and "0.500 ± 0.141" in sup
+    assert "| Zero-shot (n=1) | 0.100 | 0.050 | 0.200 | - |" in text
+    assert "| Supervised | 0.300 ± 0.141 |" in text and "| Zero-shot | 0.050 |" in text
+
+
+def test_validation_dice_is_the_last_epoch_logged(tmp_path):
+    (tmp_path / "eval").mkdir()
+    with sqlite3.connect(tmp_path / "eval" / "mlflow.db") as con:
+        con.execute("CREATE TABLE metrics (key TEXT, value REAL, step INT, timestamp INT)")
+        con.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?)",
+                        [("val_mean_dice", 0.2, 1, 5), ("val_mean_dice", 0.6, 3, 6), ("val_mean_dice", 0.4, 2, 9),
+                         ("train_loss", 9.0, 4, 9)])
+    assert rx.validation_dice(str(tmp_path)) == pytest.approx(0.6)
+    assert rx.validation_dice(str(tmp_path / "missing")) is None
+
+
+def test_bad_jobs_and_a_root_inside_the_repository_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--jobs must be >= 1"):
+        rx.parse_args(["--bundle_root_base", str(tmp_path), "--jobs", "0"])
+    with pytest.raises(SystemExit, match="outside the repository"):
+        rx.parse_args(["--bundle_root_base", str(REPO / "runs")])
