@@ -28,6 +28,7 @@ from ignite.engine import Engine, Events
 
 from bundle.checkpoints import BaseModel, TrainedWeights, load_trained
 from bundle.engines import loss_terms
+from bundle.export import ExportBundle
 from bundle.handlers import TrainingState
 from bundle.networks.lora import fold_adapters
 
@@ -78,6 +79,7 @@ class TwoStageSchedule:
         self.base = BaseModel(network, sam_checkpoint, seed)
         self.base.state_dict()  # recorded now, before any fold changes the base tensors
         self.stage1: dict[str, torch.Tensor] | None = None  # the folded stage-1 tensors, once folded
+        self.source = "checkpoint"  # the file being loaded, for messages (set by StagedTrainingState)
         self.labelled_loader = None
 
     # -- events --------------------------------------------------------------------------------------------------
@@ -110,8 +112,7 @@ class TwoStageSchedule:
 
     def enter_stage2(self, engine: Engine) -> None:
         """Fold the stage-1 adapters (reference := stage-1 model), clear the optimiser, switch data and objective."""
-        self.stage1 = TrainedWeights(self.network).state_dict()
-        self.stage1 = {k: v.detach().clone() for k, v in self.stage1.items()}
+        self.stage1 = {k: v.detach().clone() for k, v in TrainedWeights(self.network).state_dict().items()}
         fold_adapters(self.network.sam, self.fold_seed)
         self.optimizer.state.clear()
         logger.info("Stage 2 from epoch %d: stage-1 adapters folded into the base (the reference is now the stage-1 "
@@ -129,11 +130,17 @@ class TwoStageSchedule:
         return {"folded": self.stage1 is not None, "stage1": dict(self.stage1 or {}),
                 "stage1_epochs": self.stage1_epochs}
 
-    def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
+    def load_state_dict(self, state: dict, source: str | None = None) -> None:
         """Redo the fold of a saved stage-2 state on this network (built from the run's original base), keeping
         the tensors loaded into it so far (the stage-2 ones, loaded before or after this)."""
+        source = source or self.source
         if not state.get("folded") or self.stage1 is not None:
             return
+        saved = state.get("stage1_epochs", self.stage1_epochs)
+        if saved != self.stage1_epochs:  # stage 2 began after `saved` epochs: they cannot be stage 1 again
+            raise ValueError(f"{source}: stage 2 of this state began after stage1_epochs {saved} (max_epochs), this "
+                             f"run has {self.stage1_epochs}: resume with --max_epochs {saved}, or start afresh with "
+                             "--resume_from None")
         keep = {k: v.detach().clone() for k, v in TrainedWeights(self.network).state_dict().items()}
         fold_stage1(self.network, state["stage1"], source, self.fold_seed)
         load_trained(self.network, keep, source)
@@ -154,6 +161,29 @@ class StagedTrainingState(TrainingState):
         super().__init__(*args, **kwargs)
         self.objects["base"] = schedule.base
         self.objects["stages"] = schedule
+
+    def load(self, engine: Engine) -> None:
+        self.objects["stages"].source = self.resume_from
+        super().load(engine)
+
+
+class StagedExport(ExportBundle):
+    """:class:`bundle.export.ExportBundle` for the two-stage run: the checkpoint (``best_model.pt``) is loaded onto
+    ``base_network``, a network built on the run's original base (a stage-2 file folds its stage 1 there; the
+    trained network's own base is folded and would be refused); without a checkpoint of this run the trained
+    network itself is exported, as ExportBundle does. Arguments as ExportBundle, plus ``base_network``."""
+
+    def __init__(self, *args, base_network=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.base_network = base_network
+
+    def _network(self, engine: Engine):
+        self.network = self.base_network
+        try:
+            chosen = super()._network(engine)
+        finally:
+            self.network = None
+        return engine.network if chosen is self.base_network else chosen
 
 
 def log_iteration(engine: Engine) -> None:

@@ -194,6 +194,14 @@ def test_schedule_settings_are_checked(tiny_net):
         TwoStageSchedule(1, PromptableSAM("tiny", image_size=64, lora_rank=0), opt)
 
 
+def test_export_takes_the_trained_network_when_the_run_wrote_no_best_model(tmp_path, tiny_net):
+    from bundle.stage_schedule import StagedExport
+
+    live = copy.deepcopy(tiny_net)
+    export = StagedExport(str(tmp_path), checkpoint=str(tmp_path / "best_model.pt"), base_network=tiny_net)
+    assert export._network(SimpleNamespace(network=live)) is live
+
+
 def test_run_experiments_evaluates_the_final_state_of_both_stages(tmp_path):
     import subprocess
     import sys
@@ -362,3 +370,23 @@ def test_g_reaches_stage2_only_through_the_annotator(two_stage):
     for t in same:
         assert loss(t) == reference
     assert any(loss(t) != reference for t in other)
+
+
+def test_a_stage2_state_refuses_another_stage1_length(two_stage):
+    parser = _parser(two_stage["root"] / "other_s1", two_stage["data"], max_epochs=2,
+                     resume_from=str(two_stage["root"] / "kept_epoch=2.pt"))
+    trainer = parser.get_parsed_content("semi#trainer")
+    message = r"kept_epoch=2.pt: stage 2 of this state began after stage1_epochs 1 \(max_epochs\), this run has 2"
+    with pytest.raises(ValueError, match=message):
+        trainer.run()
+
+
+def test_stage2_epochs_0_is_the_supervised_stage_alone_even_on_all_labels(two_stage):
+    parser = _parser(two_stage["root"] / "supervised_100", two_stage["data"], stage2_epochs=0, train_fraction=100)
+    trainer = parser.get_parsed_content("semi#trainer")
+    stages = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: stages.append(loss_terms(e.state.output)["stage"]))
+    trainer.run()
+    assert trainer.state.epoch == 1 and stages == [1, 1, 1]  # 6 labelled images, batch 2
+    assert len(parser.get_parsed_content("semi#unlabelled_dataset")) == 0
+
