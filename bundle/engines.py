@@ -38,7 +38,7 @@ from bundle.networks import PromptableSAM
 from bundle.networks.decoding import best_slot, upsample
 
 LOGGED_TERMS = ("loss", "po1", "po2", "sup", "iou_head", "reward_margin", "preference_accuracy", "pairs", "focal",
-                "dice_loss")
+                "dice_loss", "chosen_logratio", "rejected_logratio", "preferences", "stage")
 
 
 class PromptTrainer(Trainer):

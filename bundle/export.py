@@ -159,13 +159,19 @@ def build_network(
 def load_weights(net: nn.Module, path: str | os.PathLike, key: str = "network") -> nn.Module:
     """Load the checkpoint at ``path`` into ``net`` strictly; :class:`CheckpointError` names the file and what does
     not match (configs/inference.yaml loads models/model.pt with it). An adapter-sized checkpoint loads its trained
-    tensors onto ``net``'s base, which must be the base the checkpoint names (:func:`bundle.checkpoints.check_base`)."""
+    tensors onto ``net``'s base, which must be the base the checkpoint names (:func:`bundle.checkpoints.check_base`);
+    one written in stage 2 of the virtual-annotator schedule first folds its stage-1 tensors into that base."""
     from bundle.checkpoints import check_base
 
     state, base = read_checkpoint(path, key)
     source = os.fspath(path)
     if base is not None:
         check_base(base, net, source)
+        stages = torch.load(source, map_location="cpu", weights_only=True).get("stages")  # adapter-sized: cheap
+        if isinstance(stages, Mapping) and stages.get("folded"):  # written in stage 2 of bundle.stage_schedule
+            from bundle.stage_schedule import fold_stage1
+
+            fold_stage1(net, stages["stage1"], source)
     check_state_dict(state, net, source, partial=base is not None)
     net.load_state_dict(state, strict=base is None)
     logger.info(

@@ -11,7 +11,8 @@ eval/evaluation/). A run whose final training state ``models/checkpoint_epoch=<m
 trained again, and its evaluation is reused when ``eval/evaluation/summary.json`` exists (``--force`` redoes both).
 A method that does not train (zero-shot) is evaluated once (the first seed): it has nothing random to average.
 ``--task t1`` / ``t2`` without a task config trains on the embedded synthetic set. ``--jobs J`` runs J trainings at
-once (give each ``--threads 1``). Besides the test scores, each row reports the validation Dice of the final
+once (give each ``--threads 1``). An experiment config may name ``overlays`` (e.g. ``semi_supervised``: paper
+003's two-stage schedule, whose final state is at ``max_epochs + stage2_epochs``; docs/virtual_annotator.md). Besides the test scores, each row reports the validation Dice of the final
 epoch (from the run's MLflow store): what hyperparameters are chosen on (docs/results.md, "Choosing beta").
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -41,6 +43,9 @@ SETS = {
     "lora_rank": (["lora_rank_4", "lora_rank_8", "lora_rank_32", "lora_rank_64"], None),
     "beta": (["beta_0.1", "beta_1", "beta_10", "beta_100"], None),
     "fractions": (["zero_shot", "supervised", "sampo"], ["fraction_10", "fraction_20", "fraction_30", "fraction_100"]),
+    # paper 003 (docs/virtual_annotator.md): each row fixes its own labelled fraction
+    "va": (["va_supervised_10", "va_aligned_10", "va_sampo_10", "va_supervised_100"], None),
+    "va_raters": (["va_supervised_10", "va_best_10", "va_rating_10", "va_aligned_10"], None),
 }
 
 
@@ -51,7 +56,36 @@ def experiment_meta(name: str) -> dict:
     with open(path) as f:
         cfg = yaml.safe_load(f) or {}
     meta = cfg.get("experiment", {})
-    return {"name": name, "path": path, "label": meta.get("label", name), "train": meta.get("train", True), "cfg": cfg}
+    overlays = [os.path.join(REPO, "configs", f"{o}.yaml") for o in meta.get("overlays", [])]
+    for o in overlays:  # e.g. semi_supervised: between the task config and the experiment's own keys
+        if not os.path.isfile(o):
+            raise SystemExit(f"{path}: overlay {o} not found")
+    return {"name": name, "path": path, "label": meta.get("label", name), "train": meta.get("train", True), "cfg": cfg,
+            "overlays": overlays}
+
+
+def final_epoch(args, method: dict) -> int:
+    """The epoch of a run's final training state: max_epochs, plus the alignment epochs of a two-stage run
+    (configs/semi_supervised.yaml: ``stage2_epochs``, an integer or ``$K * @max_epochs``)."""
+    epochs = max_epochs_of(args)
+    if not method.get("overlays"):
+        return epochs
+    stage2 = None
+    for path in method["overlays"]:
+        with open(path) as f:
+            stage2 = (yaml.safe_load(f) or {}).get("stage2_epochs", stage2)
+    stage2 = method["cfg"].get("stage2_epochs", stage2)
+    for item in args.override or []:
+        key, _, value = item.partition("=")
+        stage2 = value if key == "stage2_epochs" else stage2
+    match = re.fullmatch(r"\$\s*(\d+)\s*\*\s*@max_epochs", str(stage2).strip())
+    if match:
+        return epochs + int(match[1]) * epochs
+    try:
+        return epochs + int(stage2 or 0)
+    except ValueError:
+        raise SystemExit(f"{method['name']}: stage2_epochs {stage2!r} is neither an integer nor '$K * @max_epochs': "
+                         "pass --override stage2_epochs=N") from None
 
 
 def task_configs(task: str) -> tuple[list[str], list[str], str]:
@@ -121,13 +155,13 @@ def one(args, task: str, method: dict, column: dict | None, seed: int, env: dict
     """Train (unless zero-shot or already done) and evaluate one method on one task / column / seed; return the
     evaluation summary (plus ``bundle_root`` and ``val_dice``)."""
     files, task_over, _ = task_configs(task)
-    base = [os.path.join(REPO, "configs", "train.yaml"), *files]
+    base = [os.path.join(REPO, "configs", "train.yaml"), *files, *method.get("overlays", [])]
     exp_files = [method["path"]] + ([column["path"]] if column else [])
     fraction = (column or method)["cfg"].get("train_fraction", args.train_fraction)
     root = os.path.join(args.bundle_root_base, task, f"f{fraction}", method["name"], f"seed{seed}")
     common = [*task_over, *_overrides(args), "--train_fraction", str(fraction), "--seed", str(seed)]
     mono = [sys.executable, "-m", "monai.bundle", "run"]
-    final = os.path.join(root, "models", f"checkpoint_epoch={max_epochs_of(args)}.pt")
+    final = os.path.join(root, "models", f"checkpoint_epoch={final_epoch(args, method)}.pt")
     if method["train"] and (args.force or not os.path.isfile(final)):
         run([*mono, "training", "--config_file", _config_arg(base + exp_files), "--bundle_root", root, *common],
             os.path.join(root, "train.log"), env, args.dry_run)

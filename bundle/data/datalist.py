@@ -83,3 +83,38 @@ def load_datalist(path: str | os.PathLike, split: str, fraction: int = 100, task
 def classes_present(label_path: str) -> list[int]:
     """Class ids (channel 1 of the label file) present in a prepared label."""
     return [int(c) for c in np.unique(np.load(label_path, mmap_mode="r")[1]) if c > 0]
+
+
+def load_semi_supervised(path: str | os.PathLike, part: str, labelled_fraction: int = 10,
+                         alignment_fraction: int = 100) -> list[dict]:
+    """The labelled / unlabelled training items of the virtual-annotator schedule (docs/virtual_annotator.md).
+
+    ``labelled``: the nested ``labelled_fraction`` % training subset, the very images a ``train_fraction`` run of
+    that percentage trains on; ``unlabelled``: the items of the ``alignment_fraction`` % subset outside it (100:
+    the whole rest of the training split). Both come from the datalist's seeded nested subsets
+    (:mod:`bundle.data.splits`), so the split is the same in every run. ``labelled_fraction`` 100 is allowed for
+    ``labelled`` only (the supervised stage on all data, with no alignment stage).
+    """
+    if part not in ("labelled", "unlabelled"):
+        raise ValueError(f"part must be 'labelled' or 'unlabelled', got {part!r}")
+    partial = tuple(f for f in FRACTIONS if f < 100)
+    allowed = FRACTIONS if part == "labelled" else partial
+    if labelled_fraction not in allowed:
+        why = {0: "the supervised stage needs labelled images",
+               100: "it leaves no unlabelled training images to align on (100 % fits only stage2_epochs 0, the "
+                    "supervised stage alone)"}.get(labelled_fraction, "the datalist's nested subsets are these")
+        raise ValueError(f"labelled_fraction must be one of {list(allowed)} (percent of the training split, a nested "
+                         f"subset of {path}), got {labelled_fraction!r}: {why}")
+    if part == "labelled":
+        return load_datalist(path, "training", fraction=labelled_fraction)
+    if alignment_fraction not in FRACTIONS or alignment_fraction <= labelled_fraction:
+        raise ValueError(f"alignment_fraction must be one of {[f for f in FRACTIONS if f > labelled_fraction]} "
+                         f"(the subset whose images outside the labelled {labelled_fraction} % are aligned on), "
+                         f"got {alignment_fraction!r}")
+    labelled = {item["image"] for item in load_datalist(path, "training", fraction=labelled_fraction)}
+    items = [item for item in load_datalist(path, "training", fraction=alignment_fraction)
+             if item["image"] not in labelled]
+    if not items:
+        raise ValueError(f"{path}: no training images in the {alignment_fraction} % subset outside the labelled "
+                         f"{labelled_fraction} % (the split is too small to align on)")
+    return items

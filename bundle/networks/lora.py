@@ -70,3 +70,32 @@ def add_lora(
     if not any("lora_" in n for n, _ in model.named_parameters()):
         raise ValueError(f"no image-encoder linear layer matches lora_targets {list(targets)}")
     return model
+
+
+def fold_adapters(model, seed: int | None = 0) -> None:
+    """Make the current trained model the new base, in place, and start fresh adapters on it (paper 003's stage
+    boundary: the reference policy, adapters off, becomes the model trained so far; no second copy exists).
+
+    * every LoRA layer: W <- W + scaling * B A (its delta folded into the frozen base weight), then A re-drawn
+      (kaiming uniform, from ``seed`` without touching the global RNG) and B = 0, so the adapters add nothing yet;
+    * every trained ``modules_to_save`` copy (prompt encoder, mask decoder) is copied into the original it shadows.
+
+    Afterwards the model computes what it computed before (up to float rounding of the fold), with adapters on and
+    with adapters off. ``model`` is the peft model of :func:`add_lora`.
+    """
+    import torch
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    with torch.no_grad(), torch.random.fork_rng(enabled=seed is not None, devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                base = module.get_base_layer()
+                for name in list(module.lora_A.keys()):
+                    base.weight += module.get_delta_weight(name).to(base.weight.dtype)
+                    module.reset_lora_parameters(name, init_lora_weights=True)
+            elif isinstance(module, ModulesToSaveWrapper):
+                trained = module.modules_to_save[module.active_adapters[0]]
+                module.original_module.load_state_dict(trained.state_dict())
