@@ -60,6 +60,7 @@ base: $(STAMP) data/consep/datalist.json data/ct/datalist.json
 RUNS ?= ../sampo_runs
 SEEDS ?= 0 1 2
 SEEDS_FULL ?= $(SEEDS)
+SEEDS_ABLATION ?= $(SEEDS)
 JOBS ?= 2
 TESTBED := --model_size small --image_size 256 --max_epochs 6 --batch_size 4 --val_interval 3 \
 	--datalist data/consep/datalist.json --sensitivity_max_images 30 --threads 1 --jobs $(JOBS) --bundle_root_base $(RUNS)
@@ -68,12 +69,14 @@ results: $(STAMP) data/consep/datalist.json
 		--base_checkpoint models/sam_small_base.pth --output_dir $(RUNS)/base --num_threads 1
 	$(PY) scripts/run_experiments.py --set main --task consep_t1 consep_t2 --train_fraction 10 --seeds $(SEEDS) $(TESTBED) \
 		--output docs/results/testbed_f10.md
+	$(PY) scripts/run_experiments.py --set ablation_terms --task consep_t1 consep_t2 --train_fraction 10 \
+		--seeds $(SEEDS_ABLATION) $(TESTBED) --no_sensitivity --output docs/results/testbed_ablation_f10.md
+	$(PY) scripts/run_experiments.py --set beta --configs beta_0.1 sampo beta_10 --task consep_t1 --train_fraction 10 \
+		--seeds $(SEEDS_ABLATION) $(TESTBED) --no_sensitivity --output docs/results/testbed_beta_f10.md
 	$(PY) scripts/run_experiments.py --set main --task consep_t1 consep_t2 --train_fraction 100 --seeds $(SEEDS_FULL) \
 		$(TESTBED) --output docs/results/testbed_f100.md
-	$(PY) scripts/run_experiments.py --set ablation_terms --task consep_t1 consep_t2 --train_fraction 10 --seeds $(SEEDS) \
-		$(TESTBED) --no_sensitivity --output docs/results/testbed_ablation_f10.md
-	$(PY) scripts/run_experiments.py --set beta --configs beta_0.1 sampo beta_10 --task consep_t1 --train_fraction 10 \
-		--seeds $(SEEDS) $(TESTBED) --no_sensitivity --output docs/results/testbed_beta_f10.md
+	$(PY) scripts/run_experiments.py --set va --task consep_t1 consep_t2 --seeds $(SEEDS_ABLATION) $(TESTBED) \
+		--no_sensitivity --output docs/results/testbed_va.md
 
 # An official SAM checkpoint listed in large_files.yml (the only command that downloads anything).
 MODEL ?= vit_b
