@@ -129,6 +129,10 @@ def test_class_maps_vote_and_map(tmp_path):
     assert data["classes"] == {"2": "class 2", "4": "class 4", "6": "class 6"}
     data, _, labels_out, _ = _prepare(tmp_path, images, labels, classes=tmp_path / "classes", type_scheme="nuclei")
     assert data["classes"] == {"1": "nucleus"} and set(np.unique(labels_out[0][1])) == {0, 1}
+    classes[_inst() == 9] = 0
+    Image.fromarray(classes).save(tmp_path / "classes" / "a.png")
+    with pytest.raises(ValueError, match=r"classes/a.png: nucleus 9 of .*a_mask.png has no class \(class 0 under"):
+        _prepare(tmp_path, images, labels, classes=tmp_path / "classes")
 
 
 @pytest.mark.parametrize("mat, expected", [
@@ -278,3 +282,23 @@ def test_evaluation_preprocessing_runs_on_an_imported_set(tmp_path, task):
     transform = Compose(parser.get_parsed_content("load") + parser.get_parsed_content("resize"))
     targets = [np.asarray(transform(item)["label"])[0] > 0 for item in items]
     assert [int(t.sum()) for t in targets] == ([20 + 24 + 15] if task == "external_t1" else [20 + 15, 24])
+
+
+def test_monuseg_xml_polygons_are_rasterised_at_the_image_size(tmp_path):
+    def region(k, xs, ys):
+        vertices = "".join(f'<Vertex X="{x}" Y="{y}" Z="0"/>' for x, y in zip(xs, ys))
+        return f'<Region Id="{k}" Type="0"><Attributes/><Vertices>{vertices}</Vertices></Region>'
+
+    squares = region(1, [2, 7, 7, 2], [1, 1, 5, 5]) + region(2, [10, 14, 14, 10], [10, 10, 16, 16])
+    images, labels = _folder(tmp_path, label_name="a.png")
+    (labels / "a_mask.png").unlink(missing_ok=True)
+    (labels / "a.png").unlink()
+    (labels / "a.xml").write_text(f"<Annotations><Annotation Id='1'><Regions>{squares}</Regions></Annotation>"
+                                  "</Annotations>")  # fmt: skip
+    *_, labels_out, _ = _prepare(tmp_path, images, labels)
+    expected = np.zeros((20, 24), np.int32)
+    expected[1:6, 2:8], expected[10:17, 10:15] = 1, 2  # skimage.draw.polygon includes the vertices' pixels
+    assert np.array_equal(labels_out[0][0][:20, :24], expected)
+    (labels / "a.xml").write_text("<Annotations><Region><Vertex X='a' Y='1'/></Region>")
+    with pytest.raises(ValueError, match="a.xml as MoNuSeg / ImageScope XML"):
+        _prepare(tmp_path, images, labels)

@@ -111,7 +111,7 @@ def raw_classes(seq, old, label: LabelFile, class_map, path: Path, class_path) -
         empty = np.flatnonzero(votes[1:].sum(1) == 0)
         if len(empty):
             raise ValueError(f"{class_path}: nucleus {old[empty[0]]} of {path} has no class (class 0 under all its "
-                             f"pixels; {len(empty)} nuclei so)")
+                             f"pixels; nuclei without a class: {len(empty)})")
         return votes[1:].argmax(1)
     if label.instance_class is not None:
         missing = [int(i) for i in old if int(i) not in label.instance_class]
