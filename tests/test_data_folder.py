@@ -196,6 +196,10 @@ def _bad(tmp_path, case):
         np.save(images / "a.npy", np.zeros((20, 24, 5), np.uint8))
     elif case == "lizard id without class row":
         _folder(tmp_path, label_name="a.mat", id=np.array([[5], [9]]), **{"class": np.array([[1], [2]])})
+    elif case == "lizard class 0":
+        _folder(tmp_path, label_name="a.mat", id=np.array([[5], [9], [12]]), **{"class": np.array([[1], [0], [2]])})
+    elif case == "no nucleus anywhere":
+        _folder(tmp_path, inst=np.zeros((20, 24), np.int32))
     return images, labels
 
 
@@ -211,6 +215,8 @@ BAD = {
     "colour label": (ValueError, r"a_mask.png: the label has 3 different channels"),
     "five channels": (ValueError, r"a.npy: an image must be .* C <= 4, got shape \(20, 24, 5\)"),
     "lizard id without class row": (ValueError, r"a.mat: nuclei \[12\] of inst_map have no class row"),
+    "lizard class 0": (ValueError, r"a.mat: nucleus 9 has class 0 \(background\)"),
+    "no nucleus anywhere": (ValueError, r"images: no tile of the 1 images holds a nucleus"),
 }
 
 
@@ -233,6 +239,7 @@ def test_bad_input_names_the_file_and_keeps_the_output(tmp_path, case):
     ({"split": "train"}, "split must be one of"),
     ({"type_scheme": "monusac"}, "type_scheme must be one of"),
     ({"label_suffixes": "_mask"}, "label_suffixes must be a non-empty list"),
+    ({"class_mapping": {1: 0}}, "class_mapping must map to class ids >= 1"),
 ])  # fmt: skip
 def test_bad_arguments_are_refused_before_reading(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):

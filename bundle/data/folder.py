@@ -102,31 +102,34 @@ def instances_of(label: LabelFile, path: Path) -> tuple[np.ndarray, np.ndarray]:
     return relabel_sequential(label.inst)
 
 
-def raw_classes(seq, old, label: LabelFile, class_map, path: Path, class_path) -> np.ndarray:
-    """Raw class of each instance (module docstring, 'Class of a nucleus'); errors name the file and the nucleus."""
+def nucleus_classes(seq, old, label: LabelFile, class_map, label_path: Path, class_path, mapping) -> np.ndarray:
+    """Written class of each instance (module docstring, 'Class of a nucleus'); errors name the file and nucleus."""
+    source = class_path or label_path
     if class_map is not None:
         votes = np.zeros((len(old) + 1, int(class_map.max(initial=0)) + 1), np.int64)
         np.add.at(votes, (seq.ravel(), class_map.ravel()), 1)
         votes[:, 0] = 0
         empty = np.flatnonzero(votes[1:].sum(1) == 0)
         if len(empty):
-            raise ValueError(f"{class_path}: nucleus {old[empty[0]]} of {path} has no class (class 0 under all its "
-                             f"pixels; nuclei without a class: {len(empty)})")
-        return votes[1:].argmax(1)
-    if label.instance_class is not None:
+            raise ValueError(f"{source}: nucleus {old[empty[0]]} of {label_path} has no class (class 0 under all "
+                             f"its pixels; nuclei without a class: {len(empty)})")
+        classes = votes[1:].argmax(1)
+    elif label.instance_class is not None:
         missing = [int(i) for i in old if int(i) not in label.instance_class]
         if missing:
-            raise ValueError(f"{path}: nuclei {missing[:5]} of inst_map have no class row ({len(missing)} missing)")
-        return np.array([label.instance_class[int(i)] for i in old], np.int64)
-    return np.ones(len(old), np.int64)
-
-
-def _mapped(classes: np.ndarray, mapping: dict[int, int] | None, path: Path) -> np.ndarray:
+            raise ValueError(f"{label_path}: nuclei {missing[:5]} of inst_map have no class row ({len(missing)} "
+                             "missing)")
+        classes = np.array([label.instance_class[int(i)] for i in old], np.int64)
+        if len(classes) and classes.min() < 1:
+            raise ValueError(f"{label_path}: nucleus {old[np.argmin(classes)]} has class 0 (background); a "
+                             "nucleus needs a class >= 1")
+    else:
+        classes = np.ones(len(old), np.int64)
     if mapping is None:
         return classes
     unknown = sorted(set(classes.tolist()) - set(mapping))
     if unknown:
-        raise ValueError(f"{path}: class ids {unknown} are not in the class mapping {sorted(mapping)}")
+        raise ValueError(f"{source}: class ids {unknown} are not in the class mapping {sorted(mapping)}")
     return np.array([mapping[c] for c in classes.tolist()], np.int64)
 
 
@@ -135,7 +138,7 @@ def _pad(array: np.ndarray, bottom: int, right: int, mode: str, value: int) -> n
     return np.pad(array, width, mode="reflect") if mode == "reflect" else np.pad(array, width, constant_values=value)
 
 
-def _check_args(tile_size, stride, pad_mode, pad_value, split, type_scheme, label_suffixes) -> None:
+def _check_args(tile_size, stride, pad_mode, pad_value, split, type_scheme, label_suffixes, class_mapping) -> None:
     for name, value in (("tile_size", tile_size), ("stride", stride)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -143,6 +146,8 @@ def _check_args(tile_size, stride, pad_mode, pad_value, split, type_scheme, labe
         raise ValueError(f"pad_mode must be 'constant' or 'reflect', got {pad_mode!r}")
     if not (isinstance(pad_value, int) and 0 <= pad_value <= 255):
         raise ValueError(f"pad_value must be an integer in 0..255, got {pad_value!r}")
+    if class_mapping is not None and any(int(v) < 1 for v in class_mapping.values()):
+        raise ValueError(f"class_mapping must map to class ids >= 1 (0 is background), got {class_mapping}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if type_scheme is not None and type_scheme not in SCHEMES:
@@ -176,7 +181,7 @@ def prepare_folder(
     Arguments are checked before anything is read; ``output`` is written through :class:`DatasetWriter`, so a failed
     run leaves an existing output unchanged.
     """
-    _check_args(tile_size, stride, pad_mode, pad_value, split, type_scheme, label_suffixes)
+    _check_args(tile_size, stride, pad_mode, pad_value, split, type_scheme, label_suffixes, class_mapping)
     if type_scheme is not None:
         scheme_mapping, scheme_names = SCHEMES[type_scheme]
         class_mapping = scheme_mapping if class_mapping is None else class_mapping
@@ -195,11 +200,8 @@ def prepare_folder(
                 if array is not None and array.shape != image.shape[:2]:
                     raise ValueError(f"{image_path}: image size {image.shape[:2]} != {what} size {array.shape} "
                                      f"of {path}")
-            if type_scheme == "nuclei":
-                types = np.ones(len(old), np.int64)
-            else:
-                types = _mapped(raw_classes(seq, old, label, class_map, label_path, class_path or label_path), class_mapping,
-                                class_path or label_path)
+            types = (np.ones(len(old), np.int64) if type_scheme == "nuclei"
+                     else nucleus_classes(seq, old, label, class_map, label_path, class_path, class_mapping))
             if not class_names:
                 for c in np.unique(types).tolist():
                     writer.classes.setdefault(int(c), "nucleus" if c == 1 else f"class {c}")
@@ -207,6 +209,9 @@ def prepare_folder(
             sizes.add(image.shape[:2])
             _write_tiles(writer, image_path.stem, image, instance_label(seq, types), split, tile_size, stride,
                          pad_mode, pad_value, keep_empty, tissue)
+        if not writer.splits[split]:
+            raise ValueError(f"{images}: no tile of the {len(pairs)} images holds a nucleus, so there is nothing to "
+                             "evaluate (keep_empty keeps tiles without one)")
         info = {"images": len(pairs), "nuclei": n_nuclei, "image_sizes": sorted(list(s) for s in sizes),
                 "tile_size": tile_size, "stride": stride, "pad_mode": pad_mode, "type_scheme": type_scheme}
         return writer.finish(seed, info)
