@@ -42,6 +42,8 @@ def main(argv=None):
                    help="padding of images smaller than a tile (labels are padded with 0)")
     p.add_argument("--pad_value", type=int, default=0, help="value of constant padding (255: white)")
     p.add_argument("--keep_empty", action="store_true", help="keep tiles without a nucleus (default: skip them)")
+    p.add_argument("--invert", action="store_true",
+                   help="invert intensities (255 - v): fluorescence nuclei become dark on white, as on H&E")
     p.add_argument("--split", default="test", choices=("training", "validation", "test"),
                    help="the split every item goes to (default test)")
     p.add_argument("--name", default="external", help="dataset name in the datalist")
@@ -50,8 +52,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     prepare_folder(a.images, a.labels, a.output, a.classes, a.label_suffixes, a.type_scheme, a.class_mapping,
-                   a.class_names, a.tile_size, a.stride, a.pad_mode, a.pad_value, a.keep_empty, a.split, a.name,
-                   a.tissue, a.seed)
+                   a.class_names, a.tile_size, a.stride, a.pad_mode, a.pad_value, a.keep_empty, a.invert, a.split,
+                   a.name, a.tissue, a.seed)
 
 
 if __name__ == "__main__":

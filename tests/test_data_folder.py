@@ -85,6 +85,8 @@ def test_reflect_and_white_padding(tmp_path):
     assert np.array_equal(tiles[0], np.pad(image, [(0, 12), (0, 8), (0, 0)], mode="reflect"))
     *_, tiles = _prepare(tmp_path, images, labels, pad_value=255)
     assert (tiles[0][20:] == 255).all()
+    *_, tiles = _prepare(tmp_path, images, labels, invert=True)
+    assert np.array_equal(tiles[0][:20, :24], 255 - image) and not tiles[0][20:].any()  # the pad is not inverted
 
 
 def test_large_image_is_tiled_never_resized_and_a_three_pixel_nucleus_survives(tmp_path):

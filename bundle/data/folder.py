@@ -16,6 +16,8 @@ dataset (docs/DATA_CONTRACT.md), by default all in the ``test`` split: a zero-sh
   (``stride`` None: the fewest tiles, evenly spread, the last flush with the border). Instances are renumbered per
   tile; nuclei cut by a tile border keep their visible part. Tiles without a nucleus are skipped and counted
   unless ``keep_empty``. Entries record ``tile: [y, x]`` (when cut) and ``pad: [bottom, right]`` (when padded).
+- ``invert``: image values v -> 255 - v before padding (fluorescence: bright nuclei on black become dark nuclei on
+  white, as haematoxylin on H&E).
 """
 
 from __future__ import annotations
@@ -170,6 +172,7 @@ def prepare_folder(
     pad_mode: str = "constant",
     pad_value: int = 0,
     keep_empty: bool = False,
+    invert: bool = False,
     split: str = "test",
     name: str = "external",
     tissue: str | None = None,
@@ -192,7 +195,7 @@ def prepare_folder(
     n_nuclei, sizes = 0, set()
     with DatasetWriter(output, name, "nuclei", names) as writer:
         for image_path, label_path, class_path in tqdm(pairs, desc=name, disable=not progress):
-            image = read_image(image_path)
+            image = 255 - read_image(image_path) if invert else read_image(image_path)
             label = read_label(label_path, image.shape[:2])
             seq, old = instances_of(label, label_path)
             class_map = read_class_map(class_path) if class_path else label.class_map
@@ -213,7 +216,8 @@ def prepare_folder(
             raise ValueError(f"{images}: no tile of the {len(pairs)} images holds a nucleus, so there is nothing to "
                              "evaluate (keep_empty keeps tiles without one)")
         info = {"images": len(pairs), "nuclei": n_nuclei, "image_sizes": sorted(list(s) for s in sizes),
-                "tile_size": tile_size, "stride": stride, "pad_mode": pad_mode, "type_scheme": type_scheme}
+                "tile_size": tile_size, "stride": stride, "pad_mode": pad_mode, "type_scheme": type_scheme,
+                "invert": invert}
         return writer.finish(seed, info)
 
 
