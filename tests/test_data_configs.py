@@ -17,7 +17,8 @@ from bundle.data.datalist import load_datalist
 from bundle.data.synapse import prepare_synapse
 
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = {"pannuke_t1": "t1", "pannuke_t2": "t2", "consep_t1": "t1", "consep_t2": "t2", "synapse": "organ"}
+TASKS = {"pannuke_t1": "t1", "pannuke_t2": "t2", "consep_t1": "t1", "consep_t2": "t2", "synapse": "organ",
+         "external_t1": "t1", "external_t2": "t2"}  # fmt: skip
 OWN_KEYS = {"stain_aug_prob", "ct_window"}  # keys the overlays add for their own transforms
 
 

@@ -1,7 +1,7 @@
 """Write a prepared dataset in the layout of docs/DATA_CONTRACT.md: images/, labels/ and a datalist JSON.
 
-Every preparation script (``bundle.data.pannuke``, ``consep``, ``synapse``) writes through :class:`DatasetWriter`,
-which never touches an existing output until the new one is complete:
+Every preparation script (``bundle.data.pannuke``, ``consep``, ``synapse``, ``folder``) writes through
+:class:`DatasetWriter`, which never touches an existing output until the new one is complete:
 
 * the files go to a temporary sibling folder ``.<output name>.preparing-XXXX``;
 * :meth:`DatasetWriter.finish` writes the datalist there, then swaps it in: the old output is renamed aside, the new
