@@ -10,8 +10,8 @@
   It works for any batch size and any number of clicks per image (up to ``max_points`` per channel); the spatial
   size is fixed at ``image_size`` x ``image_size``, which the bundle's preprocessing produces. The export checks
   the TorchScript output against the eager network on several batch sizes and click counts.
-* :func:`export_bundle` does both from a training network or checkpoint; :class:`ExportBundle` is the Ignite
-  handler that runs it at the end of training and logs the files to the training's MLflow run.
+* :func:`export_bundle` does both from a training network or checkpoint; :class:`bundle.handlers.ExportBundle` is
+  the Ignite handler that runs it at the end of training and logs the files to the training's MLflow run.
 * Both files are written atomically (:mod:`bundle.io`): a failed write (e.g. a full disk) raises naming the file
   and the reason and leaves the previous ``model.pt`` / ``model.ts`` as they were.
 
@@ -26,7 +26,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -370,129 +369,10 @@ def write_bundle(
     return out
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Ignite handler: export at the end of training, log to MLflow
-# ------------------------------------------------------------------------------------------------------------------
-class ExportBundle:
-    """At the end of training, export ``model.pt`` / ``model.ts`` and log them with the bundle's configs to MLflow.
+def __getattr__(name: str):
+    """``bundle.export.ExportBundle``, the handler's name in ``configs/train.yaml`` before ``bundle/handlers/``."""
+    if name == "ExportBundle":  # imported here on use: bundle.handlers.export_bundle imports this module
+        from bundle.handlers.export_bundle import ExportBundle
 
-    The MLflow artifacts (under ``artifact_path``) form a bundle folder::
-
-        bundle/models/model.pt, bundle/models/model.ts, bundle/configs/metadata.json, bundle/configs/inference.yaml
-
-    Args:
-        output_dir: where ``model.pt`` and ``model.ts`` are written (e.g. the bundle's ``models/``).
-        bundle_root: bundle whose ``configs/metadata.json`` and ``configs/inference.yaml`` go with the model.
-        network: the training network (default: the engine's ``network``).
-        checkpoint: export this checkpoint (e.g. ``best_model.pt`` by validation Dice) instead of the final weights
-            when it exists at the end of training.
-        tracking_uri: MLflow tracking URI; ``None`` or empty skips the logging.
-        mlflow_handler: the trainer's ``MLFlowHandler``; its run gets the artifacts (even after it closed the run).
-        experiment_name, run_name: find the run by name when no ``mlflow_handler`` is given.
-        artifact_path: folder of the artifacts in the run.
-        verify: check merged, eager and TorchScript outputs against each other.
-        resume_from: the training state this run resumed from, if any: ``checkpoint`` written before the resume is
-            then this run's best and is exported (otherwise only a ``checkpoint`` written by this process is).
-    """
-
-    def __init__(
-        self,
-        output_dir: str,
-        bundle_root: str = ".",
-        network: PromptableSAM | None = None,
-        checkpoint: str | None = None,
-        tracking_uri: str | None = None,
-        mlflow_handler=None,
-        experiment_name: str | None = None,
-        run_name: str | None = None,
-        artifact_path: str = ARTIFACT_PATH,
-        verify: bool = True,
-        resume_from: str | None = None,
-    ) -> None:
-        self.resume_from = resume_from
-        self.output_dir, self.bundle_root, self.network, self.checkpoint = output_dir, bundle_root, network, checkpoint
-        self.tracking_uri, self.mlflow_handler = tracking_uri, mlflow_handler
-        self.experiment_name, self.run_name, self.artifact_path, self.verify = experiment_name, run_name, artifact_path, verify
-        self.run_id: str | None = None
-        self.exported: dict[str, str] = {}
-        self.exported_size: tuple[str, int] = ("vit_b", 224)
-
-    def attach(self, engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.STARTED, self._started)
-        engine.add_event_handler(Events.COMPLETED, self)
-
-    def _started(self, engine) -> None:
-        self._start_time = time.time()
-        run = getattr(self.mlflow_handler, "cur_run", None)
-        if run is not None:
-            self.run_id = run.info.run_id
-
-    def _network(self, engine) -> PromptableSAM:
-        net = self.network if self.network is not None else getattr(engine, "network", None)
-        if net is None:
-            raise ValueError("ExportBundle: no network given and the engine has none")
-        # the checkpoint only if this training wrote it, or the run it resumed (a stale one is not exported)
-        fresh = self.checkpoint and os.path.isfile(self.checkpoint)
-        fresh = fresh and (
-            bool(self.resume_from) or os.path.getmtime(self.checkpoint) >= getattr(self, "_start_time", 0.0) - 1.0
-        )
-        if fresh:
-            twin = load_weights(copy.deepcopy(net).cpu(), self.checkpoint)
-            logger.info("ExportBundle: exporting %s", self.checkpoint)
-            return twin
-        return net
-
-    def __call__(self, engine) -> None:
-        net = self._network(engine)
-        was_training = net.training
-        try:
-            self.exported = export_bundle(net, self.output_dir, self.bundle_root, verify=self.verify)
-            self.exported_size = (net.model_size, net.image_size)
-        finally:
-            net.train(was_training)
-        print(f"Exported the bundle models: {self.exported['model.pt']}, {self.exported['model.ts']}", flush=True)
-        if self.tracking_uri:
-            self.log_artifacts()
-
-    def _find_run_id(self, client) -> str | None:
-        if self.run_id is None and self.mlflow_handler is not None:
-            run = getattr(self.mlflow_handler, "cur_run", None)
-            self.run_id = run.info.run_id if run is not None else None
-        if self.run_id is None and self.experiment_name and self.run_name:
-            exp = client.get_experiment_by_name(self.experiment_name)
-            if exp is not None:
-                runs = client.search_runs(
-                    [exp.experiment_id], filter_string=f"tags.mlflow.runName = '{self.run_name}'",
-                    order_by=["attributes.start_time DESC"], max_results=1,
-                )
-                self.run_id = runs[0].info.run_id if runs else None
-        return self.run_id
-
-    def log_artifacts(self) -> str:
-        """Log the exported files to the MLflow run as a bundle folder; return the run id."""
-        from mlflow.tracking import MlflowClient
-        from monai.bundle import ConfigParser
-
-        client = MlflowClient(tracking_uri=self.tracking_uri)
-        run_id = self._find_run_id(client)
-        if run_id is None:
-            raise RuntimeError(
-                f"ExportBundle: no MLflow run to log to at {self.tracking_uri} (give mlflow_handler, or "
-                f"experiment_name and run_name)"
-            )
-        with tempfile.TemporaryDirectory() as tmp:
-            root = os.path.join(tmp, "bundle")
-            os.makedirs(os.path.join(root, "models"))
-            os.makedirs(os.path.join(root, "configs"))
-            for name in ("model.pt", "model.ts"):
-                shutil.copy2(self.exported[name], os.path.join(root, "models", name))
-            meta, infer = bundle_configs(self.bundle_root, *self.exported_size)
-            ConfigParser.export_config_file(meta, os.path.join(root, "configs", "metadata.json"), fmt="json", indent=4)
-            ConfigParser.export_config_file(
-                infer, os.path.join(root, "configs", "inference.yaml"), fmt="yaml", sort_keys=False
-            )
-            client.log_artifacts(run_id, root, artifact_path=self.artifact_path)
-        print(f"Logged the bundle to MLflow run {run_id} under '{self.artifact_path}/'", flush=True)
-        return run_id
+        return ExportBundle
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,12 +1,5 @@
-"""Small Ignite handlers of the bundle (MONAI's handlers do the rest).
-
-* :class:`RunSummary`: at the end, what was trained (or why nothing was) and where the checkpoints and run are.
-* :class:`TrainingState`: save the training state after every epoch (adapter-sized, :mod:`bundle.checkpoints`),
-  resume from it, best metric and LR schedule included.
-* :class:`NonFiniteGuard`: stop before the optimiser step when the loss or a gradient is not finite.
-* :class:`StartMessage`: Ignite says "Engine run resuming from iteration 0" when a MONAI engine starts; say
-  "starting" instead (the resume, if any, is reported by :class:`TrainingState`).
-"""
+"""Save the training state after every epoch (adapter-sized, :mod:`bundle.checkpoints`) and resume from it, best
+metric and LR schedule included."""
 
 from __future__ import annotations
 
@@ -19,71 +12,11 @@ import re
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
-from monai.engines.utils import IterationEvents
 
 from bundle.checkpoints import BaseModel, TrainedWeights
-from bundle.engines import LOGGED_TERMS, latest_checkpoint
 from bundle.networks import CheckpointError
 
 logger = logging.getLogger(__name__)
-
-
-class RunSummary:
-    """At the end of training, print where the checkpoints and the MLflow run are, and how to open them.
-
-    Args:
-        ckpt_dir: folder of the CheckpointSaver files.
-        mlflow_handler: the trainer's ``monai.handlers.MLFlowHandler``.
-        tracking_uri: the MLflow tracking URI it logs to.
-        initialisation: how the network was initialised (``random`` or the checkpoint's file name).
-    """
-
-    def __init__(self, ckpt_dir: str, mlflow_handler=None, tracking_uri: str = "", initialisation: str = "") -> None:
-        self.ckpt_dir, self.mlflow_handler, self.initialisation = ckpt_dir, mlflow_handler, initialisation
-        self.tracking_uri = tracking_uri
-        self.run = None
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self.started)
-        engine.add_event_handler(Events.COMPLETED, self.completed)
-
-    def started(self, engine: Engine) -> None:
-        self.run = getattr(self.mlflow_handler, "cur_run", None)  # the MLflow handler closes it on completion
-        if self.initialisation == "random":
-            print("NOTE: training SAM from RANDOM INITIALISATION (no official checkpoint in models/; see README).")
-
-    @staticmethod
-    def what_happened(engine: Engine) -> str:
-        """``Trained epochs a..b of N (fresh start | resumed from X)`` or ``Nothing to train: ...``."""
-        state = engine.state
-        first, resumed = getattr(state, "first_epoch", 1), getattr(state, "resumed_from", None)
-        if first > state.max_epochs:
-            return f"Nothing to train: already at epoch {first - 1} of {state.max_epochs} (state {resumed})."
-        how = f"resumed from {resumed}" if resumed else "fresh start"
-        return f"Trained epochs {first}..{state.epoch} of {state.max_epochs} ({how})."
-
-    def completed(self, engine: Engine) -> None:
-        lines = ["", "Training finished.", "  " + self.what_happened(engine)]
-        best = sorted(f for f in os.listdir(self.ckpt_dir) if f.startswith("best_model")) if os.path.isdir(self.ckpt_dir) else []
-        if best:
-            lines.append(f"  best checkpoint (validation Dice): {os.path.abspath(os.path.join(self.ckpt_dir, best[-1]))}")
-        latest = latest_checkpoint(self.ckpt_dir)
-        if latest:
-            lines.append(f"  latest state (for resuming):      {os.path.abspath(latest)}")
-        run = self.run
-        if run is not None:
-            uri = self.tracking_uri
-            lines += [
-                f"  MLflow run: {run.info.run_name} (id {run.info.run_id}) in experiment "
-                f"'{self.mlflow_handler.experiment_name}'",
-                f"  MLflow store: {uri}",
-                f"  open it with: mlflow ui --backend-store-uri {uri}",
-            ]
-        if self.initialisation == "random":
-            lines.append("  (the network was trained from random initialisation)")
-        print("\n".join(lines), flush=True)
-
-
 
 
 class _BestMetric:
@@ -249,109 +182,3 @@ class TrainingState:
             if os.path.abspath(old) != os.path.abspath(path) and re.search(r"epoch=\d+\.pt$", old):
                 os.remove(old)
         logger.info("Saved the training state of epoch %d: %s", epoch, path)
-
-
-class NonFiniteGuard:
-    """Stop training when the loss or a gradient is not finite, before the optimiser step uses it.
-
-    Raises ``FloatingPointError`` naming the iteration, the epoch and the loss terms (or the parameters whose
-    gradients are not finite) and the last good training state; nothing of the failing epoch is saved, so
-    ``best_model.pt`` and ``checkpoint_epoch=N.pt`` keep their last finite weights.
-
-    Args:
-        ckpt_dir: folder of the saved training states (named in the error).
-    """
-
-    def __init__(self, ckpt_dir: str) -> None:
-        self.ckpt_dir = ckpt_dir
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self.check_loss)
-        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self.check_gradients)
-
-    def _where(self, engine: Engine) -> str:
-        state = engine.state
-        in_epoch = (state.iteration - 1) % state.epoch_length + 1 if state.epoch_length else state.iteration
-        return f"iteration {state.iteration} (epoch {state.epoch}, iteration {in_epoch} of {state.epoch_length})"
-
-    def _stop(self, engine: Engine, what: str) -> None:
-        latest = latest_checkpoint(self.ckpt_dir)
-        good = f"the last good state: {latest}" if latest else "no training state was saved yet"
-        raise FloatingPointError(
-            f"{what}. Training stopped before the optimiser step; nothing of this epoch is saved, {good}. Lower "
-            "learning_rate or beta, or check the inputs, then run again (it resumes from the last good state)."
-        )
-
-    def check_loss(self, engine: Engine) -> None:
-        output = engine.state.output
-        loss = output.get("loss") if isinstance(output, dict) else None
-        if isinstance(loss, torch.Tensor) and not torch.isfinite(loss).all():
-            terms = ", ".join(f"{k}={float(output[k]):.4g}" for k in LOGGED_TERMS if isinstance(output.get(k), torch.Tensor))
-            self._stop(engine, f"Non-finite training loss at {self._where(engine)}: {terms}")
-
-    def check_gradients(self, engine: Engine) -> None:
-        bad = [n for n, p in engine.network.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-        if bad:
-            self._stop(engine, f"Non-finite gradients at {self._where(engine)} in {len(bad)} parameters (e.g. {bad[:3]})")
-
-
-class StartMessage:
-    """Replace Ignite's "Engine run resuming from iteration 0, epoch E until M epochs", logged whenever a MONAI
-    engine starts (its state exists before ``run``), by "Engine run starting at epoch E+1 of M"."""
-
-    PATTERN = re.compile(r"Engine run resuming from iteration 0, epoch (\d+) until (\d+) epochs")
-
-    def attach(self, engine: Engine) -> None:
-        engine.logger.addFilter(self.filter)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        match = self.PATTERN.fullmatch(record.getMessage())
-        if match:
-            record.msg, record.args = "Engine run starting at epoch %d of %s", (int(match[1]) + 1, match[2])
-        return True
-
-
-class SaveSAMCheckpoint:
-    """At the end of a run, write the network's SAM weights in the official key layout (what ``--sam_checkpoint``
-    loads with :func:`bundle.networks.load_sam_checkpoint`), atomically, and log the file's md5.
-
-    Args:
-        network: the trained :class:`bundle.networks.PromptableSAM` (``lora_rank`` 0: its weights are SAM's own).
-        path: the file to write, e.g. ``models/sam_small_base.pth``.
-        dtype: ``float16`` halves the file (the loader casts back), ``float32`` keeps it exact.
-        mlflow_handler: the trainer's ``MLFlowHandler``; its run gets the md5 and path as tags.
-        tracking_uri: the MLflow tracking URI it logs to.
-    """
-
-    def __init__(self, network, path: str, dtype: str = "float16", mlflow_handler=None, tracking_uri: str = "") -> None:
-        import torch
-
-        if dtype not in ("float16", "float32"):
-            raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
-        self.network, self.path, self.dtype = network, path, getattr(torch, dtype)
-        self.mlflow_handler, self.tracking_uri = mlflow_handler, tracking_uri
-        self.run = None
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._started)
-        engine.add_event_handler(Events.COMPLETED, self)
-
-    def _started(self, engine: Engine) -> None:
-        self.run = getattr(self.mlflow_handler, "cur_run", None)  # the MLflow handler closes it on completion
-
-    def __call__(self, engine: Engine) -> None:
-        from bundle.networks import save_sam_checkpoint
-
-        if getattr(self.network, "lora_rank", 0):
-            raise ValueError(f"SaveSAMCheckpoint: the network has LoRA adapters (lora_rank {self.network.lora_rank}); "
-                             "merge them first (bundle.export.merge_lora) or train with lora_rank 0")
-        md5 = save_sam_checkpoint(self.network._sam, self.path, self.dtype)
-        size_mb = os.path.getsize(self.path) / 2**20
-        print(f"SAM weights (official key layout, {self.dtype}) written to {os.path.abspath(self.path)}: "
-              f"{size_mb:.1f} MiB, md5 {md5}", flush=True)
-        if self.run is not None and self.tracking_uri:
-            from mlflow.tracking import MlflowClient
-
-            client = MlflowClient(self.tracking_uri)
-            client.set_tag(self.run.info.run_id, "sam_checkpoint", os.path.abspath(self.path))
-            client.set_tag(self.run.info.run_id, "sam_checkpoint_md5", md5)
