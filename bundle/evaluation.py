@@ -25,8 +25,7 @@ import torch
 from monai.transforms import MapTransform
 from torch import nn
 
-from bundle.checkpoints import BaseMismatchError
-from bundle.export import load_weights
+from bundle.checkpoints import BaseMismatchError, load_weights
 from bundle.guidance import guidance_to_points
 from bundle.io import atomic_write
 from bundle.metrics import STRATA, count_instances, overlap
@@ -47,9 +46,8 @@ def load_checkpoint(network: nn.Module, checkpoint: str | None) -> nn.Module:
     ``checkpoint_epoch=N.pt`` (a dict with a ``network`` entry).
     """
     if not checkpoint:
-        logger.warning("no checkpoint given: evaluating the initial network (zero-shot, %s)",
+        logger.warning("Evaluating the INITIAL network (no checkpoint given: zero-shot; initialisation: %s)",
                        getattr(network, "initialisation", "?"))
-        print(f"Evaluating the INITIAL network (no checkpoint; initialisation: {getattr(network, 'initialisation', '?')})")
         return network
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint to evaluate not found: {checkpoint}")
@@ -60,7 +58,7 @@ def load_checkpoint(network: nn.Module, checkpoint: str | None) -> nn.Module:
     except CheckpointError as e:
         raise RuntimeError(f"{checkpoint} does not fit the configured network (model_size / lora_rank / "
                            f"image_size must be those of its training): {e}") from e
-    print(f"Evaluating {checkpoint}")
+    logger.info("Evaluating %s", checkpoint)
     return network
 
 

@@ -10,7 +10,8 @@ from monai.data import MetaTensor
 from PIL import Image
 
 from bundle.data.synapse import display_slice
-from bundle.export import build_network, write_bundle
+from bundle.checkpoints import build_network
+from bundle.export import write_bundle
 from bundle.inference import PromptImaged, PromptInputError, PromptMaskd, read_clicks, to_canonical
 from conftest import REPO, SHARED_DATA
 

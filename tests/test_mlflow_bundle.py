@@ -115,7 +115,8 @@ def test_training_logs_the_bundle_to_mlflow(tmp_path, mlflow_server):
     with torch.no_grad():
         assert torch.allclose(ts(x), net(x), atol=1e-4)
     # what was exported is the trained network (the best validation checkpoint, adapters merged)
-    from bundle.export import load_network, merge_lora
+    from bundle.checkpoints import load_network
+    from bundle.export import merge_lora
 
     best = load_network(root / "models" / "best_model.pt", model_size="tiny", image_size=64, lora_rank=64)
     with torch.no_grad():

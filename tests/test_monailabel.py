@@ -49,7 +49,8 @@ def server(tmp_path_factory):
     py = label_python()
     import requests
 
-    from bundle.export import build_network, write_bundle
+    from bundle.checkpoints import build_network
+    from bundle.export import write_bundle
 
     root = tmp_path_factory.mktemp("monailabel")
     studies = root / "studies"
@@ -149,7 +150,7 @@ def test_clicks_give_sam_predictors_mask(server, tmp_path):
     import requests
     from segment_anything import SamPredictor
 
-    from bundle.export import load_network
+    from bundle.checkpoints import load_network
 
     image = (np.random.default_rng(5).random((SIZE, SIZE, 3)) * 255).astype(np.uint8)
     buf = io.BytesIO()

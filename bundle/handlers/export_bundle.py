@@ -12,7 +12,8 @@ import time
 
 from ignite.engine import Events
 
-from bundle.export import ARTIFACT_PATH, bundle_configs, export_bundle, load_weights
+from bundle.checkpoints import load_weights
+from bundle.export import ARTIFACT_PATH, bundle_configs, export_bundle
 from bundle.networks import PromptableSAM
 
 logger = logging.getLogger(__name__)

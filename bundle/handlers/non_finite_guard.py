@@ -6,7 +6,8 @@ import torch
 from ignite.engine import Engine
 from monai.engines.utils import IterationEvents
 
-from bundle.engines import LOGGED_TERMS, latest_checkpoint
+from bundle.checkpoints import latest_checkpoint
+from bundle.engines import LOGGED_TERMS
 
 
 class NonFiniteGuard:

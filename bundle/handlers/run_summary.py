@@ -7,7 +7,7 @@ import os
 
 from ignite.engine import Engine, Events
 
-from bundle.engines import latest_checkpoint
+from bundle.checkpoints import latest_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
-from bundle.checkpoints import BaseModel, TrainedWeights
-from bundle.networks import CheckpointError
+from bundle.checkpoints import BaseModel, TrainedWeights, read_training_state
 
 logger = logging.getLogger(__name__)
 
@@ -113,20 +112,7 @@ class TrainingState:
 
     def load(self, engine: Engine) -> None:
         path = self.resume_from
-        fresh = "pass --resume_from None to start afresh"
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"resume_from: training state not found: {path} ({fresh})")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated, not a torch file, pickled code
-            raise CheckpointError(
-                f"resume_from: {path} is not a readable training state ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                f"resume from an earlier checkpoint_epoch=N.pt or {fresh}"
-            ) from e
-        if not isinstance(ckpt, dict) or "network" not in ckpt or "trainer" not in ckpt:
-            keys = list(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
-            raise CheckpointError(f"resume_from: {path} is not a training state (keys {keys}; expected network, "
-                                  f"optimizer, trainer, ... as in checkpoint_epoch=N.pt); {fresh}")
+        ckpt = read_training_state(path)
         t_max = getattr(self.lr_scheduler, "T_max", None)
         max_epochs = engine.state.max_epochs
         if "base" in ckpt:  # first: another base fails here, with a message that names both

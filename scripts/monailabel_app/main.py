@@ -155,7 +155,7 @@ def _first(value):
 
 def loadable_models(folder: str, network) -> list[str]:
     """Files ``*.pt`` in ``folder`` that load strictly into ``network`` (merged exports; not training states)."""
-    from bundle.export import check_state_dict, read_state_dict
+    from bundle.checkpoints import check_state_dict, read_state_dict
 
     names = []
     for name in sorted(f for f in os.listdir(folder) if f.endswith(".pt")) if os.path.isdir(folder) else []:
