@@ -62,37 +62,6 @@ def load_checkpoint(network: nn.Module, checkpoint: str | None) -> nn.Module:
     return network
 
 
-class ReferencePolicy(nn.Module):
-    """The network with its adapters disabled (pi_ref): zero-shot SAM from the initialisation the run started at."""
-
-    def __init__(self, network: nn.Module) -> None:
-        super().__init__()
-        self.net = network
-        self.in_channels = network.in_channels
-        self.max_points = network.max_points
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with self.net.reference():
-            return self.net(x)
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        with self.net.reference():
-            return self.net.encode(images)
-
-    def decode(self, *args, **kwargs):
-        with self.net.reference():
-            return self.net.decode(*args, **kwargs)
-
-
-def policy(network: nn.Module, which: str = "actor") -> nn.Module:
-    """``actor``: the network as trained; ``reference``: the same network with adapters off (zero-shot SAM)."""
-    if which == "actor":
-        return network
-    if which == "reference":
-        return ReferencePolicy(network)
-    raise ValueError(f"eval_policy must be 'actor' or 'reference', got {which!r}")
-
-
 @torch.no_grad()
 def slot_dice(network: nn.Module, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """Dice of each of the 3 output slots for one evaluator input ``x`` (C + 2, H, W) against ``label``: the
@@ -215,7 +184,9 @@ def summary_metrics(summary: dict, prefix: str = "test") -> dict[str, float]:
 
 
 def run_name(task: str, checkpoint: str | None, which: str = "actor") -> str:
-    """``eval_<task>_<checkpoint stem or 'initial'>[_reference]_YYYYmmdd_HHMMSS``."""
+    """The MLflow run name of one evaluation, a new run every time:
+    ``eval_<task>_<checkpoint stem or 'initial'>[_reference]_YYYYmmdd_HHMMSS`` (:func:`bundle.tracking.run_name`
+    names the training run, kept across resumes)."""
     stem = os.path.splitext(os.path.basename(checkpoint))[0] if checkpoint else "initial"
     suffix = "_reference" if which == "reference" else ""
     return f"eval_{task}_{stem}{suffix}_{time.strftime('%Y%m%d_%H%M%S')}"

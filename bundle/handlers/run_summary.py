@@ -34,7 +34,8 @@ class RunSummary:
     def started(self, engine: Engine) -> None:
         self.run = getattr(self.mlflow_handler, "cur_run", None)  # the MLflow handler closes it on completion
         if self.initialisation == "random":
-            logger.warning("NOTE: training SAM from RANDOM INITIALISATION (no official checkpoint in models/; see README).")
+            logger.warning("NOTE: training SAM from RANDOM INITIALISATION (no official checkpoint in models/; see "
+                           "README).")
 
     @staticmethod
     def what_happened(engine: Engine) -> str:

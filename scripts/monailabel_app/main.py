@@ -51,7 +51,7 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 def _bad_input(exc: BaseException):
     """The bundle's PromptInputError (or another ValueError raised by the bundle's transforms) in ``exc``'s chain."""
-    from bundle.inference import PromptInputError
+    from bundle.clicks import PromptInputError
 
     seen, e = set(), exc
     while e is not None and id(e) not in seen:
