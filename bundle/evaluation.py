@@ -183,7 +183,7 @@ def summary_metrics(summary: dict, prefix: str = "test") -> dict[str, float]:
     return {k: v for k, v in out.items() if np.isfinite(v)}
 
 
-def run_name(task: str, checkpoint: str | None, which: str = "actor") -> str:
+def evaluation_run_name(task: str, checkpoint: str | None, which: str = "actor") -> str:
     """The MLflow run name of one evaluation, a new run every time:
     ``eval_<task>_<checkpoint stem or 'initial'>[_reference]_YYYYmmdd_HHMMSS`` (:func:`bundle.tracking.run_name`
     names the training run, kept across resumes)."""
