@@ -1,5 +1,8 @@
 """Clicks as a user gives them -> foreground and background click lists, checked for form (not yet against an image).
 
+:func:`clicks_of_request` / :func:`slice_of_request` say where the clicks and the slice of an inference request
+come from: the request's keys (MONAI Label), a clicks source (below), or the image's metadata (MONAI Deploy).
+
 Sources: a dict or JSON file ``{"foreground": [[x, y], ...], "background": [...], "slice_index": k}`` (clicks
 ``[x, y]`` or voxel indices ``[i, j, k]``; :mod:`bundle.inference` says which coordinates), or guidance channels
 (an ``.npy`` file or array ``(2, *spatial)``) whose peaks are read as :func:`bundle.guidance.click_peaks` reads the
@@ -99,3 +102,48 @@ def check_click_list(clicks: Any, kind: str, name: str = "clicks") -> list[list[
             raise PromptInputError(f"{name}: {kind} click {c!r} is not [x, y] or [x, y, z] with finite numbers")
         out.append([float(v) for v in c])
     return out
+
+
+def clicks_of_request(d: Mapping, meta: Mapping, name: str, foreground_key: str = "foreground",
+                      background_key: str = "background", clicks_key: str = "clicks") -> tuple[list, list, int | None]:
+    """Foreground and background clicks of a request ``d`` (and the slice index its clicks source gives): from
+    ``foreground_key`` / ``background_key``, else ``clicks_key`` (:func:`read_prompt`), else the image's
+    metadata ``meta`` (``foreground`` / ``background``); :class:`PromptInputError` when there are none."""
+    fg, bg = d.get(foreground_key), d.get(background_key)
+    if fg is not None or bg is not None:
+        return check_click_list(fg, "foreground", name), check_click_list(bg, "background", name), None
+    source = d.get(clicks_key)
+    if source is not None and not (isinstance(source, str) and not source):
+        return read_prompt(source)
+    if meta.get("foreground") is not None or meta.get("background") is not None:
+        fg = check_click_list(meta.get("foreground"), "foreground", name)
+        return fg, check_click_list(meta.get("background"), "background", name), None
+    raise PromptInputError(
+        f"{name}: no clicks given (request keys '{foreground_key}' / '{background_key}', or "
+        f"'{clicks_key}': a JSON file {{\"foreground\": [[x, y], ...], \"background\": [...]}})"
+    )
+
+
+def _slice_value(k: Any) -> Any:
+    """A given slice index, or None where none is given (None, an empty string, a negative number: -1 is unset)."""
+    if isinstance(k, torch.Tensor):
+        k = k.item()
+    return None if k is None or (isinstance(k, str) and not k.strip()) or (isinstance(k, (int, float)) and k < 0) else k
+
+
+def slice_of_request(d: Mapping, meta: Mapping, clicks: list, given: int | None,
+                     slice_key: str = "slice_index") -> int | None:
+    """The file slice index of a volume request: ``slice_key`` of the request, else ``given`` (the clicks file's),
+    else the image's metadata, else the one slice of the 3D clicks; None when nothing gives one."""
+    k = _slice_value(d.get(slice_key))
+    if k is None:
+        k = _slice_value(given if given is not None else meta.get(slice_key))
+    if k is None:
+        zs = {c[2] for c in clicks if len(c) == 3}
+        if len(zs) > 1:
+            raise PromptInputError(f"3D clicks lie on different slices {sorted(zs)}; the network segments one slice")
+        return int(zs.pop()) if zs else None
+    try:
+        return int(k)
+    except (TypeError, ValueError):
+        raise PromptInputError(f"slice_index must be an integer, got {k!r}") from None

@@ -42,7 +42,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.transforms import MapTransform, SaveImaged
 
-from bundle.clicks import PromptInputError, check_click_list, read_prompt
+from bundle.clicks import PromptInputError, clicks_of_request, slice_of_request
 from bundle.guidance import points_to_guidance
 from bundle.io import save_nifti_mask, save_png
 from bundle.transforms.ct import apply_window, window_range
@@ -80,13 +80,6 @@ def _filename(meta: Mapping) -> str:
 
 def _is_volume_file(name: str) -> bool:
     return name.lower().endswith(VOLUME_SUFFIXES) or os.path.isdir(name)
-
-
-def _slice_value(k: Any) -> Any:
-    """A given slice index, or None where none is given (None, an empty string, a negative number: -1 is unset)."""
-    if isinstance(k, torch.Tensor):
-        k = k.item()
-    return None if k is None or (isinstance(k, str) and not k.strip()) or (isinstance(k, (int, float)) and k < 0) else k
 
 
 def _scale_to_unit(image: np.ndarray) -> np.ndarray:
@@ -129,36 +122,6 @@ class PromptImaged(MapTransform):
         self.clicks_key, self.foreground_key, self.background_key = clicks_key, foreground_key, background_key
         self.slice_key, self.max_points = slice_key, max_points
 
-    # -- clicks -----------------------------------------------------------------------------------------------------
-    def _clicks(self, d: Mapping, meta: Mapping, name: str) -> tuple[list, list, int | None]:
-        fg, bg = d.get(self.foreground_key), d.get(self.background_key)
-        if fg is not None or bg is not None:
-            return check_click_list(fg, "foreground", name), check_click_list(bg, "background", name), None
-        source = d.get(self.clicks_key)
-        if source is not None and not (isinstance(source, str) and not source):
-            return read_prompt(source)
-        if meta.get("foreground") is not None or meta.get("background") is not None:
-            fg = check_click_list(meta.get("foreground"), "foreground", name)
-            return fg, check_click_list(meta.get("background"), "background", name), None
-        raise PromptInputError(
-            f"{name}: no clicks given (request keys '{self.foreground_key}' / '{self.background_key}', or "
-            f"'{self.clicks_key}': a JSON file {{\"foreground\": [[x, y], ...], \"background\": [...]}})"
-        )
-
-    def _slice_index(self, d: Mapping, meta: Mapping, clicks: list, given: int | None) -> int | None:
-        k = _slice_value(d.get(self.slice_key))  # request, else the clicks file, else the image's metadata
-        if k is None:
-            k = _slice_value(given if given is not None else meta.get(self.slice_key))
-        if k is None:
-            zs = {c[2] for c in clicks if len(c) == 3}
-            if len(zs) > 1:
-                raise PromptInputError(f"3D clicks lie on different slices {sorted(zs)}; the network segments one slice")
-            return int(zs.pop()) if zs else None
-        try:
-            return int(k)
-        except (TypeError, ValueError):
-            raise PromptInputError(f"slice_index must be an integer, got {k!r}") from None
-
     # -- images -----------------------------------------------------------------------------------------------------
     def _image_2d(self, img: np.ndarray, name: str) -> np.ndarray:
         """(C, X, Y) -> (3, H, W) in [0, 1]."""
@@ -185,7 +148,7 @@ class PromptImaged(MapTransform):
         if arr.shape[0] != 1:
             raise PromptInputError(f"{name}: a volume must have one channel, got {arr.shape[0]}")
         affine = meta.get("affine", np.eye(4))
-        k_file = self._slice_index(d, meta, clicks, given_slice)
+        k_file = slice_of_request(d, meta, clicks, given_slice, self.slice_key)
         if k_file is None:
             raise PromptInputError(
                 f"{name} is a volume of shape {tuple(spatial)}: give a slice index ('slice_index', "
@@ -243,7 +206,8 @@ class PromptImaged(MapTransform):
             meta = _meta(d[key])
             name = _filename(meta) or key
             arr = self._checked_array(d[key], name)
-            fg, bg, given_slice = self._clicks(d, meta, name)
+            fg, bg, given_slice = clicks_of_request(d, meta, name, self.foreground_key, self.background_key,
+                                                    self.clicks_key)
             if not fg:
                 raise PromptInputError(f"{name}: no foreground click; give at least one 'foreground' [x, y] click")
             if len(fg) > self.max_points or len(bg) > self.max_points:
