@@ -20,11 +20,6 @@ metrics average over every prompt set.
 
 from __future__ import annotations
 
-import glob
-import logging
-import os
-import re
-import zipfile
 from typing import Any, Callable, Sequence
 
 import torch
@@ -34,6 +29,7 @@ from monai.utils import CommonKeys
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from bundle.checkpoints import latest_checkpoint  # noqa: F401  (configs/train.yaml: bundle.engines.latest_checkpoint)
 from bundle.networks import PromptableSAM
 from bundle.networks.decoding import best_slot, upsample
 
@@ -147,17 +143,3 @@ def loss_terms(output: Any) -> dict[str, float]:
     """Handler ``output_transform``: the loss and its terms from a (decollated) trainer output."""
     first = output[0] if isinstance(output, (list, tuple)) else output
     return {k: float(first[k]) for k in LOGGED_TERMS if k in first}
-
-
-def latest_checkpoint(ckpt_dir: str, prefix: str = "checkpoint") -> str | None:
-    """The newest complete ``{prefix}_epoch=N.pt`` written by MONAI's ``CheckpointSaver`` in ``ckpt_dir``, or None.
-
-    MONAI writes checkpoints in place, so a run killed while saving leaves a truncated newest file (the previous one
-    is removed only after the new one is written): such a file is skipped, with a warning.
-    """
-    found = glob.glob(os.path.join(ckpt_dir, f"{prefix}_epoch=*.pt"))
-    for path in sorted(found, key=lambda p: int(re.search(r"epoch=(\d+)", p).group(1)), reverse=True):
-        if zipfile.is_zipfile(path):  # torch.save's format; a truncated file has no central directory
-            return path
-        logging.getLogger(__name__).warning("skipping incomplete checkpoint %s (killed while saving?)", path)
-    return None

@@ -10,8 +10,8 @@
   It works for any batch size and any number of clicks per image (up to ``max_points`` per channel); the spatial
   size is fixed at ``image_size`` x ``image_size``, which the bundle's preprocessing produces. The export checks
   the TorchScript output against the eager network on several batch sizes and click counts.
-* :func:`export_bundle` does both from a training network or checkpoint; :class:`ExportBundle` is the Ignite
-  handler that runs it at the end of training and logs the files to the training's MLflow run.
+* :func:`export_bundle` does both from a training network or checkpoint; :class:`bundle.handlers.ExportBundle` is
+  the Ignite handler that runs it at the end of training and logs the files to the training's MLflow run.
 * Both files are written atomically (:mod:`bundle.io`): a failed write (e.g. a full disk) raises naming the file
   and the reason and leaves the previous ``model.pt`` / ``model.ts`` as they were.
 
@@ -26,177 +26,20 @@ import logging
 import os
 import shutil
 import tempfile
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from bundle.checkpoints import describe_base
+from bundle.checkpoints import build_network, check_state_dict
 from bundle.guidance import points_to_guidance
 from bundle.io import atomic_torch_save, atomic_write
-from bundle.networks import SAM_SIZES, CheckpointError, PromptableSAM
+from bundle.networks import PromptableSAM
 from bundle.traceable import script_network
 
 logger = logging.getLogger(__name__)
 
 ARTIFACT_PATH = "bundle"
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# checkpoints
-# ------------------------------------------------------------------------------------------------------------------
-def _describe_layout(state: Mapping[str, torch.Tensor]) -> str:
-    """A short guess at the network a state dict was made for (size, LoRA rank), for error messages."""
-    patch = next((v for k, v in state.items() if k.endswith("image_encoder.patch_embed.proj.weight")), None)
-    rank = next((v.shape[0] for k, v in state.items() if ".lora_A." in k), 0)
-    depth = len({k.split("blocks.")[1].split(".")[0] for k in state if ".image_encoder.blocks." in k})
-    if patch is None and rank:  # adapter-sized: trained tensors only
-        dim = next((v.shape[1] for k, v in state.items() if k.endswith("attn.qkv.lora_A.default.weight")), "?")
-        sizes = [n for n, c in SAM_SIZES.items() if c["embed_dim"] == dim and c["depth"] == depth]
-        return f"trained tensors of model_size {sizes[0] if sizes else '?'} (embed_dim {dim}, depth {depth}), lora_rank {rank}"
-    if patch is None:
-        return "not a PromptableSAM state dict (no image_encoder.patch_embed.proj.weight)"
-    dim = patch.shape[0]
-    sizes = [n for n, c in SAM_SIZES.items() if c["embed_dim"] == dim and c["depth"] == depth]
-    pos = next((v for k, v in state.items() if k.endswith("image_encoder.pos_embed")), None)
-    size = f", image_size {pos.shape[1] * 16}" if pos is not None and pos.ndim == 4 else ""
-    return (
-        f"model_size {sizes[0] if sizes else '?'} (embed_dim {dim}, depth {depth}){size}, "
-        f"lora_rank {rank}" + (" (merged)" if not rank else "")
-    )
-
-
-def check_state_dict(state: Mapping[str, torch.Tensor], net: nn.Module, source: str, partial: bool = False) -> None:
-    """Raise :class:`CheckpointError` naming ``source`` and what does not match if ``state`` cannot load strictly.
-
-    ``partial``: ``state`` holds only the trained tensors of an adapter-sized checkpoint (:mod:`bundle.checkpoints`);
-    the keys of the network's base may then be missing, nothing else may.
-    """
-    target = net.state_dict()
-    missing = sorted(set(target) - set(state))
-    if partial:
-        from bundle.checkpoints import trained_keys
-
-        missing = sorted(set(missing) & set(trained_keys(net)))
-    unexpected = sorted(set(state) - set(target))
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs network {tuple(v.shape)}"
-        for k, v in target.items()
-        if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        want = (
-            f"model_size {getattr(net, 'model_size', '?')}, image_size {getattr(net, 'image_size', '?')}, "
-            f"lora_rank {getattr(net, 'lora_rank', '?')}"
-        )
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} keys missing (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[:3]})")
-        raise CheckpointError(
-            f"{source}: does not fit PromptableSAM({want}); the checkpoint looks like {_describe_layout(state)}. "
-            "Pass the model_size / image_size / lora_rank it was trained with. Details: " + "; ".join(parts)
-        )
-
-
-def read_checkpoint(path: str | os.PathLike, key: str = "network") -> tuple[dict[str, torch.Tensor], dict | None]:
-    """The network tensors in ``path`` and the base they apply to: ``(state, base)`` for an adapter-sized training
-    checkpoint (:mod:`bundle.checkpoints`, ``{"base": ..., key: trained tensors, ...}``), ``(state, None)`` for a
-    full state dict (``models/model.pt``) or a training checkpoint holding the whole network."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
-    base = ckpt.get("base") if isinstance(ckpt, Mapping) and isinstance(ckpt.get("base"), Mapping) else None
-    if isinstance(ckpt, Mapping) and key in ckpt and isinstance(ckpt[key], Mapping):
-        ckpt = ckpt[key]
-    if not isinstance(ckpt, Mapping) or not ckpt or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        keys = list(ckpt)[:5] if isinstance(ckpt, Mapping) else type(ckpt).__name__
-        raise CheckpointError(f"{path}: expected a state dict or a training checkpoint with key '{key}', got {keys}")
-    return dict(ckpt), dict(base) if base is not None else None
-
-
-def read_state_dict(path: str | os.PathLike, key: str = "network") -> dict[str, torch.Tensor]:
-    """The network state dict in a training checkpoint (``{key: state, ...}``, MONAI ``CheckpointSaver``) or a bare
-    state dict (``models/model.pt``); raise naming the file otherwise. For an adapter-sized checkpoint these are the
-    trained tensors only: :func:`load_weights` loads them onto the right base."""
-    return read_checkpoint(path, key)[0]
-
-
-def build_network(
-    model_size: str = "vit_b",
-    image_size: int = 224,
-    lora_rank: int = 64,
-    in_channels: int = 3,
-    lora_alpha: float | None = None,
-    lora_targets: Sequence[str] = ("qkv", "proj", "lin1", "lin2"),
-    trainable: Sequence[str] = ("prompt_encoder", "mask_decoder"),
-    max_points: int = 16,
-    sam_checkpoint: str | None = None,
-    seed: int | None = None,
-) -> PromptableSAM:
-    """A PromptableSAM whose weights come from a checkpoint next: on the base ``sam_checkpoint`` / ``seed`` when
-    the checkpoint holds only trained tensors, else any (the random-init warning is silenced)."""
-    net_logger = logging.getLogger("bundle.networks.promptable_sam")
-    level = net_logger.level
-    net_logger.setLevel(logging.ERROR)
-    try:
-        return PromptableSAM(
-            model_size, image_size, in_channels, checkpoint=sam_checkpoint, lora_rank=lora_rank, lora_alpha=lora_alpha,
-            lora_targets=lora_targets, trainable=trainable, max_points=max_points, seed=seed,
-        )
-    finally:
-        net_logger.setLevel(level)
-
-
-def load_weights(net: nn.Module, path: str | os.PathLike, key: str = "network") -> nn.Module:
-    """Load the checkpoint at ``path`` into ``net`` strictly; :class:`CheckpointError` names the file and what does
-    not match (configs/inference.yaml loads models/model.pt with it). An adapter-sized checkpoint loads its trained
-    tensors onto ``net``'s base, which must be the base the checkpoint names (:func:`bundle.checkpoints.check_base`);
-    one written in stage 2 of the virtual-annotator schedule first folds its stage-1 tensors into that base."""
-    from bundle.checkpoints import check_base
-
-    state, base = read_checkpoint(path, key)
-    source = os.fspath(path)
-    if base is not None:
-        check_base(base, net, source)
-        stages = torch.load(source, map_location="cpu", weights_only=True).get("stages")  # adapter-sized: cheap
-        if isinstance(stages, Mapping) and stages.get("folded"):  # written in stage 2 of bundle.stage_schedule
-            from bundle.stage_schedule import fold_stage1
-
-            fold_stage1(net, stages["stage1"], source)
-    check_state_dict(state, net, source, partial=base is not None)
-    net.load_state_dict(state, strict=base is None)
-    logger.info(
-        "loaded trained weights from %s (%s)", source,
-        f"trained tensors on the base {describe_base(base)}" if base is not None else "all weights",
-    )
-    return net.eval()
-
-
-def load_network(path: str | os.PathLike, key: str = "network", **network_args) -> PromptableSAM:
-    """Build ``PromptableSAM(**network_args)`` and load the checkpoint at ``path`` strictly (clear error if not).
-
-    For an adapter-sized checkpoint the network is built on the base it names (the official SAM file, which must
-    still be there, or the random initialisation of its seed)."""
-    _, base = read_checkpoint(path, key)
-    if base is not None:
-        sam = base.get("sam_checkpoint")
-        if base.get("initialisation") != "random" and not (sam and os.path.isfile(sam)):
-            raise CheckpointError(
-                f"{os.fspath(path)}: its trained weights apply to the base SAM checkpoint {sam} (sha256 "
-                f"{(base.get('sha256') or '')[:12]}…), which is not found: put that file back (or download it: "
-                "README, 'Official SAM checkpoints') to rebuild the network"
-            )
-        network_args = {**network_args, "sam_checkpoint": sam, "seed": base.get("seed")}
-    return load_weights(build_network(**network_args), path, key)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -209,7 +52,7 @@ def merge_lora(net: PromptableSAM) -> PromptableSAM:
         return copy.deepcopy(net).eval()
     device = next(net.parameters()).device
     sam = copy.deepcopy(net.sam).cpu().merge_and_unload()  # trained modules_to_save copies replace the originals
-    merged = build_network(net.model_size, net.image_size, 0, net.in_channels, max_points=net.max_points)
+    merged = build_network(net.model_size, net.image_size, net.in_channels, lora_rank=0, max_points=net.max_points)
     state = {f"sam.{k}": v for k, v in sam.state_dict().items()}
     check_state_dict(state, merged, "merged LoRA network")
     merged.load_state_dict(state, strict=True)
@@ -376,129 +219,16 @@ def write_bundle(
     return out
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Ignite handler: export at the end of training, log to MLflow
-# ------------------------------------------------------------------------------------------------------------------
-class ExportBundle:
-    """At the end of training, export ``model.pt`` / ``model.ts`` and log them with the bundle's configs to MLflow.
+def __getattr__(name: str):
+    """Names configs give in this module's name: ``bundle.export.ExportBundle`` (``configs/train.yaml``; the handler
+    is :class:`bundle.handlers.ExportBundle`) and ``bundle.export.load_weights`` (the ``inference.json`` of bundles
+    exported before :mod:`bundle.checkpoints` held it)."""
+    if name == "ExportBundle":  # imported here on use: bundle.handlers.export_bundle imports this module
+        from bundle.handlers.export_bundle import ExportBundle
 
-    The MLflow artifacts (under ``artifact_path``) form a bundle folder::
+        return ExportBundle
+    if name == "load_weights":
+        from bundle.checkpoints import load_weights
 
-        bundle/models/model.pt, bundle/models/model.ts, bundle/configs/metadata.json, bundle/configs/inference.yaml
-
-    Args:
-        output_dir: where ``model.pt`` and ``model.ts`` are written (e.g. the bundle's ``models/``).
-        bundle_root: bundle whose ``configs/metadata.json`` and ``configs/inference.yaml`` go with the model.
-        network: the training network (default: the engine's ``network``).
-        checkpoint: export this checkpoint (e.g. ``best_model.pt`` by validation Dice) instead of the final weights
-            when it exists at the end of training.
-        tracking_uri: MLflow tracking URI; ``None`` or empty skips the logging.
-        mlflow_handler: the trainer's ``MLFlowHandler``; its run gets the artifacts (even after it closed the run).
-        experiment_name, run_name: find the run by name when no ``mlflow_handler`` is given.
-        artifact_path: folder of the artifacts in the run.
-        verify: check merged, eager and TorchScript outputs against each other.
-        resume_from: the training state this run resumed from, if any: ``checkpoint`` written before the resume is
-            then this run's best and is exported (otherwise only a ``checkpoint`` written by this process is).
-    """
-
-    def __init__(
-        self,
-        output_dir: str,
-        bundle_root: str = ".",
-        network: PromptableSAM | None = None,
-        checkpoint: str | None = None,
-        tracking_uri: str | None = None,
-        mlflow_handler=None,
-        experiment_name: str | None = None,
-        run_name: str | None = None,
-        artifact_path: str = ARTIFACT_PATH,
-        verify: bool = True,
-        resume_from: str | None = None,
-    ) -> None:
-        self.resume_from = resume_from
-        self.output_dir, self.bundle_root, self.network, self.checkpoint = output_dir, bundle_root, network, checkpoint
-        self.tracking_uri, self.mlflow_handler = tracking_uri, mlflow_handler
-        self.experiment_name, self.run_name, self.artifact_path, self.verify = experiment_name, run_name, artifact_path, verify
-        self.run_id: str | None = None
-        self.exported: dict[str, str] = {}
-        self.exported_size: tuple[str, int] = ("vit_b", 224)
-
-    def attach(self, engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.STARTED, self._started)
-        engine.add_event_handler(Events.COMPLETED, self)
-
-    def _started(self, engine) -> None:
-        self._start_time = time.time()
-        run = getattr(self.mlflow_handler, "cur_run", None)
-        if run is not None:
-            self.run_id = run.info.run_id
-
-    def _network(self, engine) -> PromptableSAM:
-        net = self.network if self.network is not None else getattr(engine, "network", None)
-        if net is None:
-            raise ValueError("ExportBundle: no network given and the engine has none")
-        # the checkpoint only if this training wrote it, or the run it resumed (a stale one is not exported)
-        fresh = self.checkpoint and os.path.isfile(self.checkpoint)
-        fresh = fresh and (
-            bool(self.resume_from) or os.path.getmtime(self.checkpoint) >= getattr(self, "_start_time", 0.0) - 1.0
-        )
-        if fresh:
-            twin = load_weights(copy.deepcopy(net).cpu(), self.checkpoint)
-            logger.info("ExportBundle: exporting %s", self.checkpoint)
-            return twin
-        return net
-
-    def __call__(self, engine) -> None:
-        net = self._network(engine)
-        was_training = net.training
-        try:
-            self.exported = export_bundle(net, self.output_dir, self.bundle_root, verify=self.verify)
-            self.exported_size = (net.model_size, net.image_size)
-        finally:
-            net.train(was_training)
-        print(f"Exported the bundle models: {self.exported['model.pt']}, {self.exported['model.ts']}", flush=True)
-        if self.tracking_uri:
-            self.log_artifacts()
-
-    def _find_run_id(self, client) -> str | None:
-        if self.run_id is None and self.mlflow_handler is not None:
-            run = getattr(self.mlflow_handler, "cur_run", None)
-            self.run_id = run.info.run_id if run is not None else None
-        if self.run_id is None and self.experiment_name and self.run_name:
-            exp = client.get_experiment_by_name(self.experiment_name)
-            if exp is not None:
-                runs = client.search_runs(
-                    [exp.experiment_id], filter_string=f"tags.mlflow.runName = '{self.run_name}'",
-                    order_by=["attributes.start_time DESC"], max_results=1,
-                )
-                self.run_id = runs[0].info.run_id if runs else None
-        return self.run_id
-
-    def log_artifacts(self) -> str:
-        """Log the exported files to the MLflow run as a bundle folder; return the run id."""
-        from mlflow.tracking import MlflowClient
-        from monai.bundle import ConfigParser
-
-        client = MlflowClient(tracking_uri=self.tracking_uri)
-        run_id = self._find_run_id(client)
-        if run_id is None:
-            raise RuntimeError(
-                f"ExportBundle: no MLflow run to log to at {self.tracking_uri} (give mlflow_handler, or "
-                f"experiment_name and run_name)"
-            )
-        with tempfile.TemporaryDirectory() as tmp:
-            root = os.path.join(tmp, "bundle")
-            os.makedirs(os.path.join(root, "models"))
-            os.makedirs(os.path.join(root, "configs"))
-            for name in ("model.pt", "model.ts"):
-                shutil.copy2(self.exported[name], os.path.join(root, "models", name))
-            meta, infer = bundle_configs(self.bundle_root, *self.exported_size)
-            ConfigParser.export_config_file(meta, os.path.join(root, "configs", "metadata.json"), fmt="json", indent=4)
-            ConfigParser.export_config_file(
-                infer, os.path.join(root, "configs", "inference.yaml"), fmt="yaml", sort_keys=False
-            )
-            client.log_artifacts(run_id, root, artifact_path=self.artifact_path)
-        print(f"Logged the bundle to MLflow run {run_id} under '{self.artifact_path}/'", flush=True)
-        return run_id
+        return load_weights
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,6 +27,16 @@ def points_to_guidance(points: torch.Tensor, labels: torch.Tensor, size: tuple[i
     return out
 
 
+def click_peaks(guidance: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """(B, 2, *spatial) click channels with 2 or 3 spatial dims -> where the clicks are: the local maxima (3 x 3
+    [x 3] neighbourhood) above ``threshold``. TorchScript-compatible."""
+    if guidance.dim() == 5:
+        pooled = F.max_pool3d(guidance, kernel_size=3, stride=1, padding=1)
+    else:
+        pooled = F.max_pool2d(guidance, kernel_size=3, stride=1, padding=1)
+    return (guidance == pooled) & (guidance > threshold)
+
+
 def guidance_to_points(guidance: torch.Tensor, max_points: int = 16, threshold: float = 0.5):
     """(B, 2, H, W) click channels -> points (B, 2*max_points, 2) and labels (B, 2*max_points).
 
@@ -35,8 +45,7 @@ def guidance_to_points(guidance: torch.Tensor, max_points: int = 16, threshold: 
     """
     b, _, h, w = guidance.shape
     k = min(max_points, h * w)
-    peaks = guidance == F.max_pool2d(guidance, kernel_size=3, stride=1, padding=1)
-    score = torch.where(peaks & (guidance > threshold), guidance, torch.zeros_like(guidance))
+    score = torch.where(click_peaks(guidance, threshold), guidance, torch.zeros_like(guidance))
     values, index = score.flatten(2).topk(k, dim=2)  # (B, 2, k)
     xs = (index % w).to(guidance.dtype)
     ys = torch.div(index, w, rounding_mode="floor").to(guidance.dtype)

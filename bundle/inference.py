@@ -13,21 +13,22 @@ Clicks are ``{"foreground": [[x, y], ...], "background": [[x, y], ...]}`` in pix
 * 2D images (PNG / TIFF): ``x`` is the column, ``y`` the row, 0-based (what an image viewer shows; MONAI Label's
   convention for 2D images too).
 * volumes (CT): ``[x, y]`` are column / row of the axial slice as the network sees it, in radiological display
-  orientation (rows anterior -> posterior, columns patient right -> left; ``bundle.data.synapse.display_slice``,
+  orientation (rows anterior -> posterior, columns patient right -> left; :mod:`bundle.transforms.geometry`,
   the orientation of the prepared training slices), and the slice is ``slice_index``. ``[i, j, k]`` are voxel
   indices of the file (MONAI Label's 3D clicks); all clicks must then lie on one slice ``k``, which also gives the
   slice. ``slice_index`` is a voxel index along the file's axis closest to inferior -> superior.
 
 Clicks may also come as guidance channels: an ``.npy`` array (2, *spatial shape of the image*) whose local maxima
-above 0.5 are the foreground (channel 0) and background (channel 1) clicks, in the file's index order.
+above 0.5 are the foreground (channel 0) and background (channel 1) clicks, in the file's index order
+(:mod:`bundle.clicks` reads every click source).
 
-CT intensities are windowed to -125..275 HU (configurable), mapped to [0, 1] and the grey channel repeated to RGB.
+CT intensities are windowed to -125..275 HU (configurable, :mod:`bundle.transforms.ct`), mapped to [0, 1] and the
+grey channel repeated to RGB. Masks are written by :func:`bundle.io.save_png` / :func:`bundle.io.save_nifti_mask`.
 The network input is the image resized to ``image_size`` plus two one-hot click channels (:mod:`bundle.guidance`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -41,151 +42,26 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.transforms import MapTransform, SaveImaged
 
-from bundle.data.synapse import display_slice
+from bundle.clicks import PromptInputError, clicks_of_request, slice_of_request
 from bundle.guidance import points_to_guidance
-from bundle.transforms.ct import window_range
+from bundle.io import save_nifti_mask, save_png
+from bundle.transforms.ct import apply_window, window_range
+from bundle.transforms.geometry import (
+    canonical_to_display,
+    display_shape,
+    display_slice,
+    from_canonical,
+    set_display_slice,
+    slice_to_canonical,
+    to_canonical,
+    voxel_to_canonical,
+)
 
 logger = logging.getLogger(__name__)
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".dcm")
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 META_KIND, META_SLICE = "prompt_kind", "prompt_slice"  # what PromptImaged records in the image's meta
-
-
-class PromptInputError(ValueError):
-    """An image or clicks that inference cannot use (the message says what and where)."""
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# clicks
-# ------------------------------------------------------------------------------------------------------------------
-def _source_name(source: Any) -> str:
-    return source if isinstance(source, str) else "clicks"
-
-
-def guidance_to_clicks(guidance: np.ndarray, threshold: float = 0.5) -> tuple[list, list]:
-    """(2, *spatial) click channels -> foreground and background clicks (local maxima above ``threshold``)."""
-    from scipy.ndimage import maximum_filter
-
-    guidance = np.asarray(guidance, dtype=np.float32)
-    out = []
-    for channel in guidance[:2]:
-        peaks = (channel == maximum_filter(channel, size=3, mode="constant")) & (channel > threshold)
-        out.append([[int(v) for v in p] for p in np.argwhere(peaks)])
-    return out[0], out[1]
-
-
-def read_clicks(source: Any) -> tuple[list, list]:
-    """Foreground and background clicks from a dict, a JSON file, or guidance channels (``.npy`` file or array).
-
-    Raises :class:`PromptInputError` for a malformed source; the clicks are not yet checked against an image.
-    """
-    fg, bg, _ = read_prompt(source)
-    return fg, bg
-
-
-def read_prompt(source: Any) -> tuple[list, list, int | None]:
-    """:func:`read_clicks` plus the ``slice_index`` a JSON / dict source may give (``None`` if not)."""
-    name = _source_name(source)
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise PromptInputError(f"clicks file not found: {path}")
-        if path.endswith(".npy"):
-            source = np.load(path)
-        else:
-            try:
-                with open(path) as f:
-                    source = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise PromptInputError(f"{path}: not a JSON clicks file ({e})") from e
-    if isinstance(source, (np.ndarray, torch.Tensor)):
-        arr = np.asarray(source.detach().cpu() if isinstance(source, torch.Tensor) else source)
-        if arr.ndim < 3 or arr.shape[0] != 2:
-            raise PromptInputError(f"{name}: guidance channels must have shape (2, *spatial), got {arr.shape}")
-        return (*guidance_to_clicks(arr), None)
-    if not isinstance(source, Mapping):
-        raise PromptInputError(f"{name}: expected {{'foreground': [[x, y], ...], 'background': [...]}}")
-    unknown = set(source) - {"foreground", "background", "slice_index"}
-    if unknown:
-        raise PromptInputError(f"{name}: unknown keys {sorted(unknown)} (expected 'foreground' and 'background')")
-    k = source.get("slice_index")
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
-        raise PromptInputError(f"{name}: slice_index must be an integer, got {k!r}")
-    fg = check_click_list(source.get("foreground"), "foreground", name)
-    return fg, check_click_list(source.get("background"), "background", name), k
-
-
-def check_click_list(clicks: Any, kind: str, name: str = "clicks") -> list[list[float]]:
-    """A list of [x, y] or [x, y, z] number lists (``None`` -> empty); raise :class:`PromptInputError` otherwise."""
-    if clicks is None:
-        return []
-    if isinstance(clicks, (np.ndarray, torch.Tensor)):
-        clicks = np.asarray(clicks).tolist()
-    if isinstance(clicks, str):
-        try:
-            clicks = json.loads(clicks)
-        except json.JSONDecodeError as e:
-            raise PromptInputError(f"{name}: {kind} clicks are not a JSON list ({clicks!r})") from e
-    if not isinstance(clicks, (list, tuple)):
-        raise PromptInputError(f"{name}: {kind} clicks must be a list of [x, y] points, got {type(clicks).__name__}")
-    out = []
-    for c in clicks:
-        if (
-            not isinstance(c, (list, tuple))
-            or len(c) not in (2, 3)
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in c)
-        ):
-            raise PromptInputError(f"{name}: {kind} click {c!r} is not [x, y] or [x, y, z] with finite numbers")
-        out.append([float(v) for v in c])
-    return out
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# geometry of volumes: file voxel index <-> canonical (RAS+) index <-> display slice
-# ------------------------------------------------------------------------------------------------------------------
-def _orientation(affine: Any) -> np.ndarray:
-    """nibabel orientation (file axis -> [RAS axis, flip]) of a 4x4 RAS affine."""
-    import nibabel as nib
-
-    aff = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
-    if aff.shape != (4, 4):
-        aff = np.eye(4)
-    return nib.orientations.io_orientation(aff)
-
-
-def to_canonical(volume: np.ndarray, affine: Any) -> np.ndarray:
-    """(I, J, K) volume in file order -> closest-canonical RAS+ order (as ``nib.as_closest_canonical``)."""
-    import nibabel as nib
-
-    return nib.orientations.apply_orientation(volume, _orientation(affine))
-
-
-def from_canonical(volume: np.ndarray, affine: Any) -> np.ndarray:
-    """Inverse of :func:`to_canonical`."""
-    import nibabel as nib
-
-    ornt = _orientation(affine)
-    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")), ornt)
-    return nib.orientations.apply_orientation(volume, back)
-
-
-def voxel_to_canonical(ijk: Sequence[float], shape: Sequence[int], affine: Any) -> list[float]:
-    """File voxel index -> closest-canonical RAS+ voxel index."""
-    out = [0.0, 0.0, 0.0]
-    for axis, (ras_axis, flip) in enumerate(_orientation(affine)):
-        v = float(ijk[axis])
-        out[int(ras_axis)] = shape[axis] - 1 - v if flip < 0 else v
-    return out
-
-
-def slice_to_canonical(k: int, shape: Sequence[int], affine: Any) -> int:
-    """A slice index along the file axis closest to S -> the canonical axial slice index."""
-    for axis, (ras_axis, flip) in enumerate(_orientation(affine)):
-        if int(ras_axis) == 2:
-            if not 0 <= k < shape[axis]:
-                raise PromptInputError(f"slice_index {k} is outside the volume ({shape[axis]} axial slices)")
-            return shape[axis] - 1 - k if flip < 0 else k
-    raise PromptInputError("the volume has no axial axis")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -246,42 +122,6 @@ class PromptImaged(MapTransform):
         self.clicks_key, self.foreground_key, self.background_key = clicks_key, foreground_key, background_key
         self.slice_key, self.max_points = slice_key, max_points
 
-    # -- clicks -----------------------------------------------------------------------------------------------------
-    def _clicks(self, d: Mapping, meta: Mapping, name: str) -> tuple[list, list, int | None]:
-        fg, bg = d.get(self.foreground_key), d.get(self.background_key)
-        if fg is not None or bg is not None:
-            return check_click_list(fg, "foreground", name), check_click_list(bg, "background", name), None
-        source = d.get(self.clicks_key)
-        if source is not None and not (isinstance(source, str) and not source):
-            return read_prompt(source)
-        if meta.get("foreground") is not None or meta.get("background") is not None:
-            fg = check_click_list(meta.get("foreground"), "foreground", name)
-            return fg, check_click_list(meta.get("background"), "background", name), None
-        raise PromptInputError(
-            f"{name}: no clicks given (request keys '{self.foreground_key}' / '{self.background_key}', or "
-            f"'{self.clicks_key}': a JSON file {{\"foreground\": [[x, y], ...], \"background\": [...]}})"
-        )
-
-    def _slice_index(self, d: Mapping, meta: Mapping, clicks: list, given: int | None) -> int | None:
-        k = d.get(self.slice_key)
-        if isinstance(k, torch.Tensor):
-            k = k.item()
-        if k is None or (isinstance(k, str) and not k.strip()) or (isinstance(k, (int, float)) and k < 0):
-            k = given
-        if k is None:
-            k = meta.get(self.slice_key)
-        if isinstance(k, torch.Tensor):
-            k = k.item()
-        if k is None or (isinstance(k, str) and not k.strip()) or (isinstance(k, (int, float)) and k < 0):
-            zs = {c[2] for c in clicks if len(c) == 3}
-            if len(zs) > 1:
-                raise PromptInputError(f"3D clicks lie on different slices {sorted(zs)}; the network segments one slice")
-            return int(zs.pop()) if zs else None
-        try:
-            return int(k)
-        except (TypeError, ValueError):
-            raise PromptInputError(f"slice_index must be an integer, got {k!r}") from None
-
     # -- images -----------------------------------------------------------------------------------------------------
     def _image_2d(self, img: np.ndarray, name: str) -> np.ndarray:
         """(C, X, Y) -> (3, H, W) in [0, 1]."""
@@ -290,27 +130,84 @@ class PromptImaged(MapTransform):
             img = img[:3]
         elif c not in (1, 3):
             raise PromptInputError(f"{name}: a 2D image needs 1, 3 or 4 channels, got {c}")
-        if _is_volume_file(name):  # a 2D CT slice file
-            low, high = self.window
-            unit = np.clip((img.astype(np.float32) - low) / (high - low), 0.0, 1.0)
-        else:
-            unit = _scale_to_unit(img)
+        unit = apply_window(img, self.window) if _is_volume_file(name) else _scale_to_unit(img)  # a 2D CT slice file
         unit = np.transpose(unit, (0, 2, 1))  # (C, X, Y) -> (C, H, W): rows are y
         return np.repeat(unit, 3, axis=0) if unit.shape[0] == 1 else unit
+
+    def _prompt_2d(self, arr: np.ndarray, clicks: list, name: str) -> tuple[np.ndarray, list, int]:
+        """A 2D image: (3, H, W) in [0, 1], the clicks as (x, y) on it, slice -1."""
+        if any(len(c) != 2 for c in clicks):
+            raise PromptInputError(f"{name}: clicks on a 2D image are [x, y]")
+        return self._image_2d(arr, name), clicks, -1
+
+    def _prompt_volume(self, arr: np.ndarray, d: Mapping, meta: Mapping, clicks: list, given_slice: int | None,
+                       name: str) -> tuple[np.ndarray, list, int]:
+        """A volume (1, I, J, K): its display slice (3, H, W) in [0, 1], the clicks as (x, y) on it, the canonical
+        slice index (:mod:`bundle.transforms.geometry`)."""
+        spatial = arr.shape[1:]
+        if arr.shape[0] != 1:
+            raise PromptInputError(f"{name}: a volume must have one channel, got {arr.shape[0]}")
+        affine = meta.get("affine", np.eye(4))
+        k_file = slice_of_request(d, meta, clicks, given_slice, self.slice_key)
+        if k_file is None:
+            raise PromptInputError(
+                f"{name} is a volume of shape {tuple(spatial)}: give a slice index ('slice_index', "
+                f"--slice_index) or 3D clicks [i, j, k]"
+            )
+        try:
+            k = slice_to_canonical(k_file, spatial, affine)
+        except (IndexError, ValueError) as e:
+            raise PromptInputError(str(e)) from None
+        canonical = to_canonical(arr[0], affine)
+        points = []
+        for c in clicks:
+            if len(c) == 3:
+                for axis, (v, n) in enumerate(zip(c, spatial)):
+                    if not 0 <= v < n:
+                        raise PromptInputError(
+                            f"{name}: click {c} is outside the volume of shape {tuple(spatial)} (axis {axis})"
+                        )
+                if int(c[2]) != k_file:
+                    raise PromptInputError(f"{name}: click {c} is not on slice {k_file}")
+                points.append(canonical_to_display(voxel_to_canonical(c, spatial, affine), canonical.shape))
+            else:
+                points.append(list(c))
+        image = np.repeat(apply_window(display_slice(canonical, k), self.window)[None], 3, axis=0)
+        return image, points, k
+
+    def _network_input(self, image: np.ndarray, clicks: list, points: list, n_fg: int, name: str) -> torch.Tensor:
+        """(3, H, W) image and its clicks -> ``(3 + 2, S, S)``: the image resized, the clicks scaled with it."""
+        h, w = image.shape[1:]
+        for c, p in zip(clicks, points):
+            if not (0 <= p[0] < w and 0 <= p[1] < h):
+                raise PromptInputError(
+                    f"{name}: click {c} is outside the image ({w} columns x {h} rows; x is the column, y the row)"
+                )
+        s = self.image_size
+        resized = F.interpolate(torch.from_numpy(np.ascontiguousarray(image))[None], size=(s, s), mode="bilinear",
+                                align_corners=False)[0]
+        xy = torch.tensor(points, dtype=torch.float32).view(1, -1, 2)
+        xy = torch.minimum((xy + 0.5) * torch.tensor([s / w, s / h]) - 0.5, torch.tensor(s - 1.0)).clamp_min(0)
+        labels = torch.tensor([1] * n_fg + [0] * (len(clicks) - n_fg)).view(1, -1)
+        return torch.cat([resized, points_to_guidance(xy, labels, (s, s))[0]], dim=0).float()
+
+    def _checked_array(self, img: Any, name: str) -> np.ndarray:
+        arr = np.asarray(img.detach().cpu() if isinstance(img, torch.Tensor) else img)
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            raise PromptInputError(
+                f"{name}: {int(np.isnan(arr).sum())} NaN and {int(np.isinf(arr).sum())} infinite values in the "
+                "image; it must hold finite numbers"
+            )
+        return arr
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            img = d[key]
-            meta = _meta(img)
+            meta = _meta(d[key])
             name = _filename(meta) or key
-            arr = np.asarray(img.detach().cpu() if isinstance(img, torch.Tensor) else img)
-            if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-                raise PromptInputError(
-                    f"{name}: {int(np.isnan(arr).sum())} NaN and {int(np.isinf(arr).sum())} infinite values in the "
-                    "image; it must hold finite numbers"
-                )
-            fg, bg, given_slice = self._clicks(d, meta, name)
+            arr = self._checked_array(d[key], name)
+            fg, bg, given_slice = clicks_of_request(d, meta, name, self.foreground_key, self.background_key,
+                                                    self.clicks_key)
             if not fg:
                 raise PromptInputError(f"{name}: no foreground click; give at least one 'foreground' [x, y] click")
             if len(fg) > self.max_points or len(bg) > self.max_points:
@@ -318,63 +215,16 @@ class PromptImaged(MapTransform):
                     f"{name}: at most {self.max_points} foreground and {self.max_points} background clicks are read, "
                     f"got {len(fg)} and {len(bg)}"
                 )
-            spatial = arr.shape[1:]
-            if len(spatial) == 3 and spatial[2] == 1 and not _is_volume_file(name):
-                arr, spatial = arr[..., 0], spatial[:2]
-            if len(spatial) == 2:
-                if any(len(c) != 2 for c in fg + bg):
-                    raise PromptInputError(f"{name}: clicks on a 2D image are [x, y]")
-                image = self._image_2d(arr, name)
-                h, w = image.shape[1:]
-                points = fg + bg
-                kind, k = "2d", -1
-            elif len(spatial) == 3:
-                if arr.shape[0] != 1:
-                    raise PromptInputError(f"{name}: a volume must have one channel, got {arr.shape[0]}")
-                affine = meta.get("affine", np.eye(4))
-                k_file = self._slice_index(d, meta, fg + bg, given_slice)
-                if k_file is None:
-                    raise PromptInputError(
-                        f"{name} is a volume of shape {tuple(spatial)}: give a slice index ('slice_index', "
-                        f"--slice_index) or 3D clicks [i, j, k]"
-                    )
-                k = slice_to_canonical(k_file, spatial, affine)
-                canonical = to_canonical(arr[0], affine)
-                points = []
-                for c in fg + bg:
-                    if len(c) == 3:
-                        for axis, (v, n) in enumerate(zip(c, spatial)):
-                            if not 0 <= v < n:
-                                raise PromptInputError(
-                                    f"{name}: click {c} is outside the volume of shape {tuple(spatial)} (axis {axis})"
-                                )
-                        if int(c[2]) != k_file:
-                            raise PromptInputError(f"{name}: click {c} is not on slice {k_file}")
-                        a, b, _ = voxel_to_canonical(c, spatial, affine)
-                        points.append([canonical.shape[0] - 1 - a, canonical.shape[1] - 1 - b])
-                    else:
-                        points.append(list(c))
-                low, high = self.window
-                hu = display_slice(canonical, k).astype(np.float32)
-                image = np.repeat(np.clip((hu - low) / (high - low), 0.0, 1.0)[None], 3, axis=0)
-                h, w = image.shape[1:]
-                kind = "volume"
+            if arr.ndim == 4 and arr.shape[3] == 1 and not _is_volume_file(name):
+                arr = arr[..., 0]
+            if arr.ndim == 3:
+                image, points, k = self._prompt_2d(arr, fg + bg, name)
+            elif arr.ndim == 4:
+                image, points, k = self._prompt_volume(arr, d, meta, fg + bg, given_slice, name)
             else:
                 raise PromptInputError(f"{name}: expected a 2D image or a 3D volume, got array shape {arr.shape}")
-            for c, p in zip(fg + bg, points):
-                if not (0 <= p[0] < w and 0 <= p[1] < h):
-                    raise PromptInputError(
-                        f"{name}: click {c} is outside the image ({w} columns x {h} rows; x is the column, y the row)"
-                    )
-            s = self.image_size
-            resized = F.interpolate(torch.from_numpy(np.ascontiguousarray(image))[None], size=(s, s), mode="bilinear",
-                                    align_corners=False)[0]
-            xy = torch.tensor(points, dtype=torch.float32).view(1, -1, 2)
-            xy = torch.minimum((xy + 0.5) * torch.tensor([s / w, s / h]) - 0.5, torch.tensor(s - 1.0)).clamp_min(0)
-            labels = torch.tensor([1] * len(fg) + [0] * len(bg)).view(1, -1)
-            clicks = points_to_guidance(xy, labels, (s, s))[0]
-            meta.update({META_KIND: kind, META_SLICE: int(k)})
-            d[key] = MetaTensor(torch.cat([resized, clicks], dim=0).float(), meta=meta)
+            meta.update({META_KIND: "2d" if k < 0 else "volume", META_SLICE: int(k)})
+            d[key] = MetaTensor(self._network_input(image, fg + bg, points, len(fg), name), meta=meta)
         return d
 
 
@@ -415,10 +265,10 @@ class PromptMaskd(MapTransform):
                 out = (mask > self.threshold).numpy().T.astype(np.uint8)  # (H, W) -> (X, Y)
             else:
                 canonical_shape = to_canonical(np.zeros(spatial, dtype=np.uint8), meta.get("affine")).shape
-                h, w = canonical_shape[1], canonical_shape[0]  # display slice: rows = A->P, columns = R->L
-                mask = F.interpolate(logits[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+                mask = F.interpolate(logits[None], size=display_shape(canonical_shape), mode="bilinear",
+                                     align_corners=False)[0, 0]
                 vol = np.zeros(canonical_shape, dtype=np.uint8)
-                vol[:, :, k] = (mask > self.threshold).numpy().T[::-1, ::-1]
+                set_display_slice(vol, k, (mask > self.threshold).numpy())
                 out = np.ascontiguousarray(from_canonical(vol, meta.get("affine")))[None]
             out_meta = {kk: v for kk, v in meta.items() if kk not in (META_KIND, META_SLICE)}
             d[key] = MetaTensor(torch.from_numpy(np.ascontiguousarray(out)), meta=out_meta)
@@ -439,20 +289,7 @@ class SaveImageMaskd(SaveImaged):
                          allow_missing_keys=allow_missing_keys)
         self.image_key, self.out_dir, self.postfix, self.png_value = image_key, output_dir, output_postfix, png_value
 
-    def _path(self, source: str, suffix: str) -> str:
-        base = os.path.basename(os.path.normpath(source))
-        for ext in sorted(VOLUME_SUFFIXES + (".png", ".tif", ".tiff", ".jpg", ".jpeg"), key=len, reverse=True):
-            if base.lower().endswith(ext):
-                base = base[: -len(ext)]
-                break
-        folder = self.out_dir or os.path.dirname(os.path.abspath(os.path.normpath(source)))
-        os.makedirs(folder, exist_ok=True)
-        return os.path.join(folder, f"{base}_{self.postfix}{suffix}")
-
     def __call__(self, data: Mapping) -> dict:
-        import nibabel as nib
-        from PIL import Image
-
         d = dict(data)
         meta = _meta(d.get(self.image_key))
         source = _filename(meta)
@@ -461,26 +298,28 @@ class SaveImageMaskd(SaveImaged):
         for key in self.key_iterator(d):
             mask = np.asarray(torch.as_tensor(d[key]).cpu()).astype(np.uint8)
             if mask.ndim == 2:
-                path = self._path(source, ".png")
-                Image.fromarray(np.ascontiguousarray(mask.T) * np.uint8(self.png_value)).save(path)
+                path = save_png(np.ascontiguousarray(mask.T) * np.uint8(self.png_value),
+                                mask_path(source, self.out_dir, self.postfix, ".png"))
             else:
-                mask = mask[0] if mask.ndim == 4 else mask
-                path = self._path(source, ".nii.gz")
-                if source.lower().endswith((".nii", ".nii.gz")):
-                    ref = nib.load(source)
-                    header = ref.header.copy()
-                    header.set_data_dtype(np.uint8)
-                    header.set_slope_inter(1.0, 0.0)
-                    out = nib.Nifti1Image(mask, ref.affine, header=header)
-                else:
-                    affine = meta.get("original_affine", meta.get("affine"))
-                    affine = np.asarray(affine.cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
-                    out = nib.Nifti1Image(mask, affine)
-                    out.set_qform(affine, code=1)
-                    out.set_sform(affine, code=1)
-                nib.save(out, path)
+                nifti = source.lower().endswith((".nii", ".nii.gz"))
+                path = save_nifti_mask(mask[0] if mask.ndim == 4 else mask,
+                                       mask_path(source, self.out_dir, self.postfix, ".nii.gz"),
+                                       reference=source if nifti else None,
+                                       affine=None if nifti else meta.get("original_affine", meta.get("affine")))
             d[f"{key}_path"] = path
             d["mask_path"] = path
             logger.info("mask written to %s", path)
-            print(f"mask: {path}", flush=True)
         return d
+
+
+def mask_path(source: str, folder: str | None = None, postfix: str = "seg", suffix: str = ".nii.gz") -> str:
+    """``<folder>/<source name without its image suffix>_<postfix><suffix>``; ``folder`` defaults to the source's
+    own (created if needed)."""
+    base = os.path.basename(os.path.normpath(source))
+    for ext in sorted(VOLUME_SUFFIXES + IMAGE_SUFFIXES, key=len, reverse=True):
+        if base.lower().endswith(ext):
+            base = base[: -len(ext)]
+            break
+    folder = folder or os.path.dirname(os.path.abspath(os.path.normpath(source)))
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f"{base}_{postfix}{suffix}")

@@ -6,15 +6,17 @@ file byte-identical and no truncated file behind.
   on success it is flushed, fsynced and ``os.replace``-d onto ``path``; on failure it is removed and an OS error
   is raised as :class:`WriteError`, whose message names the file and the reason ("no space left on <dir>" for a
   full disk).
-* :func:`atomic_torch_save`, :func:`save_json`, :func:`save_npy`, :func:`save_png` are the writers built on it
-  (exports, prepared data, datalists, evaluation results, figures). Training checkpoints written by MONAI's
-  ``CheckpointSaver`` can use :func:`atomic_torch_save` as its ``save`` function.
+* :func:`atomic_torch_save`, :func:`save_json`, :func:`save_npy`, :func:`save_png`, :func:`save_nifti_mask` are
+  the writers built on it (exports, prepared data, datalists, evaluation results, figures, inference masks).
+  Training checkpoints written by MONAI's ``CheckpointSaver`` can use :func:`atomic_torch_save` as its ``save``
+  function.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import gzip
 import json
 import os
 import tempfile
@@ -23,7 +25,8 @@ from typing import IO, Any
 
 import numpy as np
 
-__all__ = ["WriteError", "atomic_write", "atomic_torch_save", "save_json", "save_npy", "save_png", "write_error"]
+__all__ = ["WriteError", "atomic_write", "atomic_torch_save", "save_json", "save_nifti_mask", "save_npy", "save_png",
+           "write_error"]
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -120,4 +123,32 @@ def save_png(image, path: str | os.PathLike, **save_kwargs) -> str:
         image = Image.fromarray(np.asarray(image))
     with atomic_write(path, "wb") as f:
         image.save(f, format="PNG", **save_kwargs)
+    return os.fspath(path)
+
+
+def save_nifti_mask(mask: np.ndarray, path: str | os.PathLike, reference: str | None = None, affine=None) -> str:
+    """Write the uint8 ``mask`` (file index order) as NIfTI at ``path`` (``.nii`` or ``.nii.gz``) atomically.
+
+    The geometry is the NIfTI file ``reference``'s (its header, data type uint8 without scaling) or, without one,
+    ``affine`` (4x4, RAS) as qform and sform (code 1). The one NIfTI writer of inference and the MONAI Deploy app.
+    """
+    import nibabel as nib
+
+    mask = np.asarray(mask).astype(np.uint8)
+    if reference is not None:
+        ref = nib.load(reference)
+        header = ref.header.copy()
+        header.set_data_dtype(np.uint8)
+        header.set_slope_inter(1.0, 0.0)
+        image = nib.Nifti1Image(mask, ref.affine, header=header)
+    else:
+        if hasattr(affine, "detach"):  # a torch tensor (MetaTensor meta)
+            affine = affine.detach().cpu().numpy()
+        affine = np.asarray(affine, dtype=np.float64)
+        image = nib.Nifti1Image(mask, affine)
+        image.set_qform(affine, code=1)
+        image.set_sform(affine, code=1)
+    data = image.to_bytes()
+    with atomic_write(path, "wb") as f:
+        f.write(gzip.compress(data) if os.fspath(path).endswith(".gz") else data)
     return os.fspath(path)

@@ -1,8 +1,9 @@
 """Per-image segmentation metrics of the evaluation protocol (METHOD.md) and the nucleus-density strata.
 
 * Dice = 2|P & G| / (|P| + |G|), IoU = |P & G| / |P | G| on binary masks of one image;
-  both masks empty: 1 (nothing to find, nothing found); exactly one empty: 0. :func:`dice_iou` for one pair of
-  arrays, :func:`overlap` batched in torch (preference mining, the sensitivity grid).
+  both masks empty: 1 (nothing to find, nothing found); exactly one empty: 0. :func:`overlap` computes them, batched
+  in torch (preference mining, the sensitivity grid, the evaluation report through :func:`dice_iou`, which takes
+  one pair of arrays of any shape).
 * Density strata by the number of nuclei in the image (SAMPO-Path): sparse [0, 20), medium [20, 50),
   dense [50, 100], crowded (100, inf). 19 -> sparse, 20 -> medium, 50 -> dense, 100 -> dense, 101 -> crowded.
 """
@@ -22,25 +23,25 @@ def _as_bool(mask) -> np.ndarray:
 
 
 def dice_iou(pred, target) -> tuple[float, float]:
-    """Dice and IoU of one binary prediction against one binary target (any equal shapes, > 0 is foreground)."""
+    """Dice and IoU of one binary prediction against one binary target (any equal shapes, > 0 is foreground):
+    :func:`overlap` on the flattened masks, in float64."""
     p, g = _as_bool(pred), _as_bool(target)
     if p.shape != g.shape:
         raise ValueError(f"prediction {p.shape} and target {g.shape} differ in shape")
-    inter = float(np.count_nonzero(p & g))
-    total = float(np.count_nonzero(p) + np.count_nonzero(g))
-    if total == 0:
-        return 1.0, 1.0
-    union = total - inter
-    return 2.0 * inter / total, inter / union
+    d, i = overlap(torch.from_numpy(p.reshape(1, -1)), torch.from_numpy(g.reshape(1, -1)), dtype=torch.float64)
+    return float(d), float(i)
 
 
-def overlap(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched torch Dice and IoU of binary masks (..., H, W) against targets broadcastable to them (> 0 is
-    foreground), with the conventions of :func:`dice_iou`; no gradient flows (the masks are thresholded)."""
+def overlap(
+    pred: torch.Tensor, target: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched torch Dice ``2|P & G| / (|P| + |G|)`` and IoU ``|P & G| / |P | G|`` of binary masks (..., H, W)
+    against targets broadcastable to them (> 0 is foreground); both are 1 when both masks are empty. No gradient
+    flows (the masks are thresholded). The one Dice / IoU of the bundle: mining, the sensitivity grid, the report."""
     p, g = pred > 0, target > 0
     p, g = torch.broadcast_tensors(p, g)
-    inter = (p & g).flatten(-2).sum(-1).float()
-    total = (p.flatten(-2).sum(-1) + g.flatten(-2).sum(-1)).float()
+    inter = (p & g).flatten(-2).sum(-1).to(dtype)
+    total = (p.flatten(-2).sum(-1) + g.flatten(-2).sum(-1)).to(dtype)
     union = total - inter
     empty = total == 0
     one = torch.ones_like(total)

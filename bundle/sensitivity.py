@@ -4,9 +4,9 @@ Per image, the image encoder runs once; the prompt sets of all grid cells (10 x 
 prompt encoder and mask decoder in one ``decode`` call, each with exactly its clicks plus SAM's padding point; the
 predicted mask per cell is the slot with the highest predicted IoU, upsampled to the target's size, ``logit > 0``.
 
-Prompts: for every cell, :func:`bundle.prompts.evaluation_points` with a generator seeded by ``seed`` and the
-item's key (``name#target_class``) -- the seed :class:`bundle.transforms.prompts.EvalPromptsd` uses, so the cell
-(3 positives, 3 negatives) has exactly the prompts of the main evaluation.
+Prompts: for every cell, :func:`bundle.prompt_sampling.evaluation_points` with a generator seeded by ``seed`` and
+the item's key (``name#target_class``) -- the seed :class:`bundle.transforms.prompts.EvalPromptsd` uses, so the
+cell (3 positives, 3 negatives) has exactly the prompts of the main evaluation.
 
 Outputs: the mean grid as CSV (rows = positives, columns = negatives) and as a heatmap PNG (PIL), and the
 "prompt-robustness card", a markdown page with the summary and the heatmap.
@@ -22,7 +22,7 @@ import torch
 
 from bundle.metrics import overlap
 from bundle.networks.decoding import best_slot, upsample
-from bundle.prompts import evaluation_points, evaluation_rng
+from bundle.prompt_sampling import evaluation_points, evaluation_rng
 
 
 def grid_prompts(target: np.ndarray, key: str, seed: int = 0, max_pos: int = 10, max_neg: int = 10):

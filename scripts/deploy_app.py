@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -56,14 +55,17 @@ CLICKS_FILE = "clicks.json"
 
 
 def read_clicks_file(folder: Path) -> dict:
-    """``clicks.json`` of the app's input folder -> image metadata entries (clear error when missing)."""
+    """``clicks.json`` of the app's input folder -> image metadata entries (clear error when missing), read by the
+    bundle's click reader (:func:`bundle.clicks.read_prompt`)."""
+    from bundle.clicks import read_prompt
+
     path = Path(folder) / CLICKS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the app needs the clicks beside the image ({{'foreground': [[x, y]], ...}})")
-    clicks = json.loads(path.read_text())
-    out = {"foreground": clicks.get("foreground") or [], "background": clicks.get("background") or []}
-    if clicks.get("slice_index") is not None:
-        out["slice_index"] = int(clicks["slice_index"])
+    foreground, background, slice_index = read_prompt(str(path))
+    out = {"foreground": foreground, "background": background}
+    if slice_index is not None:
+        out["slice_index"] = slice_index
     return out
 
 
@@ -135,25 +137,13 @@ class NiftiMaskWriterOperator(Operator):
     """The mask Image (SDK order (K, J, I)) -> ``<input name>_seg.nii.gz`` with the input volume's header."""
 
     def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext):
-        import nibabel as nib
+        from bundle.inference import mask_path
+        from bundle.io import save_nifti_mask
 
         image = op_input.get("seg_image")
-        meta = image.metadata()
         mask = np.swapaxes(image.asnumpy(), 0, 2).astype(np.uint8)  # back to file index order (I, J, K)
-        source = str(meta.get("filename_or_obj", "volume.nii.gz"))
-        ref = nib.load(source)
-        header = ref.header.copy()
-        header.set_data_dtype(np.uint8)
-        header.set_slope_inter(1.0, 0.0)
-        out_dir = op_output.get().path
-        out_dir.mkdir(parents=True, exist_ok=True)
-        name = os.path.basename(source)
-        for ext in (".nii.gz", ".nii"):
-            if name.endswith(ext):
-                name = name[: -len(ext)]
-                break
-        path = out_dir / f"{name}_seg.nii.gz"
-        nib.save(nib.Nifti1Image(mask, ref.affine, header=header), str(path))
+        source = str(image.metadata().get("filename_or_obj", "volume.nii.gz"))
+        path = save_nifti_mask(mask, mask_path(source, str(op_output.get().path)), reference=source)
         logging.info("mask written to %s", path)
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere: the bundle package is beside
 
-from bundle.export import export_bundle, load_network  # noqa: E402
+from bundle.checkpoints import load_network  # noqa: E402
+from bundle.export import export_bundle  # noqa: E402
 from bundle.networks import SAM_SIZES, CheckpointError  # noqa: E402
 
 

@@ -8,9 +8,9 @@ import torch
 from test_evaluation import _perturb
 from test_network import _official_tiny_checkpoint
 
-from bundle.checkpoints import BaseModel, TrainedWeights
+from bundle.checkpoints import BaseModel, TrainedWeights, load_network, load_weights
 from bundle.evaluation import load_checkpoint
-from bundle.export import load_network, load_weights, merge_lora
+from bundle.export import merge_lora
 from bundle.networks import CheckpointError, PromptableSAM
 
 SIZE = 64

@@ -134,7 +134,8 @@ def test_inference_refuses_an_image_with_nan(tmp_path):
     import torch
     from monai.data import MetaTensor
 
-    from bundle.inference import PromptImaged, PromptInputError
+    from bundle.clicks import PromptInputError
+    from bundle.inference import PromptImaged
 
     img = torch.zeros(1, 16, 16)
     img[0, 3, 3] = float("nan")

@@ -36,7 +36,8 @@ def deploy_python() -> str:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from bundle.export import build_network, write_bundle
+    from bundle.checkpoints import build_network
+    from bundle.export import write_bundle
 
     torch.manual_seed(0)
     dest = tmp_path_factory.mktemp("deploy_model")

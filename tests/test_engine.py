@@ -112,7 +112,7 @@ def test_ablation_switches_reach_the_loss(tmp_path):
 
 
 def test_latest_checkpoint_skips_a_file_truncated_by_a_kill(tmp_path):
-    from bundle.engines import latest_checkpoint
+    from bundle.checkpoints import latest_checkpoint
 
     torch.save({"w": torch.zeros(3)}, tmp_path / "checkpoint_epoch=2.pt")
     torch.save({"w": torch.zeros(3)}, tmp_path / "checkpoint_epoch=10.pt")

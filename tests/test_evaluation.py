@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from bundle.evaluation import ReferencePolicy, load_checkpoint, subset, summarise
+from bundle.evaluation import load_checkpoint, subset, summarise
 from bundle.guidance import points_to_guidance
 from bundle.metrics import STRATA, density_stratum, dice_iou
-from bundle.networks import PromptableSAM
+from bundle.networks import PromptableSAM, ReferencePolicy
 from bundle.sensitivity import grid_prompts, prompt_grid, read_grid_csv, write_heatmap
 from bundle.transforms.prompts import EvalPromptsd
 from conftest import REPO

@@ -8,15 +8,8 @@ import sys
 import pytest
 import torch
 
-from bundle.export import (
-    VERIFY_CASES,
-    build_network,
-    example_inputs,
-    export_torchscript,
-    load_network,
-    merge_lora,
-    write_bundle,
-)
+from bundle.checkpoints import build_network, load_network
+from bundle.export import VERIFY_CASES, example_inputs, export_torchscript, merge_lora, write_bundle
 from bundle.networks import CheckpointError, PromptableSAM
 from conftest import REPO
 

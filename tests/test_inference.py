@@ -9,9 +9,11 @@ import torch
 from monai.data import MetaTensor
 from PIL import Image
 
-from bundle.data.synapse import display_slice
-from bundle.export import build_network, write_bundle
-from bundle.inference import PromptImaged, PromptInputError, PromptMaskd, read_clicks, to_canonical
+from bundle.checkpoints import build_network
+from bundle.clicks import PromptInputError, read_clicks
+from bundle.export import write_bundle
+from bundle.inference import PromptImaged, PromptMaskd
+from bundle.transforms.geometry import display_slice, to_canonical
 from conftest import REPO, SHARED_DATA
 
 SIZE = 64  # network input size of the test bundle

@@ -85,7 +85,8 @@ def test_successful_write_replaces_with_usual_permissions(tmp_path):
 
 def test_export_on_a_full_disk_keeps_model_pt_and_model_ts(tmp_path, monkeypatch):
     """export_bundle: a failing model.pt (then model.ts) write names the folder and keeps both previous files."""
-    from bundle.export import build_network, export_bundle, export_torchscript
+    from bundle.checkpoints import build_network
+    from bundle.export import export_bundle, export_torchscript
 
     torch.manual_seed(0)
     net = build_network("tiny", 32, lora_rank=0)

@@ -5,62 +5,28 @@ MlflowClient and its model.ts / model.pt are loaded and compared."""
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from conftest import REPO
+from servers import serve
 
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    import requests
+    def command(port):
+        return [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"]
 
-    port = free_port()
-    log = open(tmp_path / "mlflow.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true"),
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(tmp_path / 'mlflow.log').read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(tmp_path / 'mlflow.log').read_text()[-3000:]}")
-            time.sleep(1)
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
+    with serve("mlflow", command, "/health", tmp_path / "mlflow.log", tmp_path, env) as (url, _):
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers (their own process group)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def test_training_logs_the_bundle_to_mlflow(tmp_path, mlflow_server):
@@ -115,7 +81,8 @@ def test_training_logs_the_bundle_to_mlflow(tmp_path, mlflow_server):
     with torch.no_grad():
         assert torch.allclose(ts(x), net(x), atol=1e-4)
     # what was exported is the trained network (the best validation checkpoint, adapters merged)
-    from bundle.export import load_network, merge_lora
+    from bundle.checkpoints import load_network
+    from bundle.export import merge_lora
 
     best = load_network(root / "models" / "best_model.pt", model_size="tiny", image_size=64, lora_rank=64)
     with torch.no_grad():

@@ -9,9 +9,7 @@ from there and skips when it is absent.
 import json
 import os
 import shutil
-import socket
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -19,6 +17,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO
+from servers import serve
 
 pytestmark = pytest.mark.slow
 
@@ -38,18 +37,11 @@ def label_python() -> str:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     py = label_python()
-    import requests
-
-    from bundle.export import build_network, write_bundle
+    from bundle.checkpoints import build_network
+    from bundle.export import write_bundle
 
     root = tmp_path_factory.mktemp("monailabel")
     studies = root / "studies"
@@ -72,37 +64,14 @@ def server(tmp_path_factory):
         cfg.update({"model_size": "tiny", "image_size": SIZE, "batch_size": 2, "n_prompt_sets": 2, "max_epochs": 1,
                     "synthetic": {"n_train": 2, "n_val": 1, "n_test": 1}})
         ConfigParser.export_config_file(cfg, str(train_yaml), fmt="yaml", sort_keys=False)
-    port = free_port()
-    log = open(root / "server.log", "w")
     env = dict(os.environ, MONAI_LABEL_TASKS_TRAIN="true", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
-    proc = subprocess.Popen(
-        [py, "-m", "monailabel.main", "start_server", "--app", str(REPO / "scripts" / "monailabel_app"),
-         "--studies", str(studies), "--conf", "bundle", str(model_dir), "--host", "127.0.0.1", "--port", str(port)],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"MONAI Label server exited: {(root / 'server.log').read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/info/", timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"MONAI Label server did not start: {(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(1)
+
+    def command(port):
+        return [py, "-m", "monailabel.main", "start_server", "--app", str(REPO / "scripts" / "monailabel_app"),
+                "--studies", str(studies), "--conf", "bundle", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
+
+    with serve("MONAI Label", command, "/info/", root / "server.log", root, env, timeout=180) as (url, proc):
         yield {"url": url, "root": root, "studies": studies, "model_dir": model_dir, "proc": proc}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def infer(server, params, image="img0", model="sampo", raw_params=None, output="image"):
@@ -149,7 +118,7 @@ def test_clicks_give_sam_predictors_mask(server, tmp_path):
     import requests
     from segment_anything import SamPredictor
 
-    from bundle.export import load_network
+    from bundle.checkpoints import load_network
 
     image = (np.random.default_rng(5).random((SIZE, SIZE, 3)) * 255).astype(np.uint8)
     buf = io.BytesIO()

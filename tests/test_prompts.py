@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from bundle.prompts import PromptSampler, evaluation_points
+from bundle.prompt_sampling import PromptSampler, evaluation_points
 from bundle.transforms.prompts import ClickGuidanced, EvalPromptsd, PromptSetsd
 from bundle.transforms.task import TaskTargetd
 

@@ -105,7 +105,7 @@ def test_resume_after_kill(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert killed_in, "the run ended before it could be killed"
-    from bundle.engines import latest_checkpoint
+    from bundle.checkpoints import latest_checkpoint
 
     latest = latest_checkpoint(str(models))
     assert latest == str(models / "checkpoint_epoch=2.pt"), sorted(os.listdir(models))

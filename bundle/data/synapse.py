@@ -28,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bundle.transforms.checks import check_finite
+from bundle.transforms.geometry import display_slice
 
 from .splits import partition_sources
 from .writer import DatasetWriter, check_output
@@ -104,11 +105,6 @@ def _volume(img: nib.Nifti1Image, path) -> np.ndarray:
     if data.ndim != 3:
         raise ValueError(f"{path}: expected a 3D volume (X, Y, Z), got shape {data.shape}")
     return data
-
-
-def display_slice(volume: np.ndarray, k: int) -> np.ndarray:
-    """Axial slice k of a RAS+ volume in radiological display orientation (H = anterior->posterior, W = R->L)."""
-    return np.ascontiguousarray(volume[::-1, ::-1, k].T)
 
 
 def patient_of(path: Path) -> str:

@@ -1,4 +1,5 @@
-from .promptable_sam import PromptableSAM
+from .promptable_sam import PromptableSAM, ReferencePolicy, policy
 from .sam_builder import SAM_SIZES, CheckpointError, build_sam, load_sam_checkpoint, save_sam_checkpoint
 
-__all__ = ["PromptableSAM", "SAM_SIZES", "CheckpointError", "build_sam", "load_sam_checkpoint", "save_sam_checkpoint"]
+__all__ = ["PromptableSAM", "ReferencePolicy", "policy", "SAM_SIZES", "CheckpointError", "build_sam",
+           "load_sam_checkpoint", "save_sam_checkpoint"]

@@ -172,3 +172,34 @@ class PromptableSAM(nn.Module):
         points, labels = guidance_to_points(x[:, self.in_channels :], self.max_points)
         low, iou = self.decode(self.encode(x[:, : self.in_channels]), points[:, None], labels[:, None], (h, w))
         return F.interpolate(best_slot(low, iou), size=(h, w), mode="bilinear", align_corners=False)
+
+
+class ReferencePolicy(nn.Module):
+    """The network with its adapters disabled (pi_ref): zero-shot SAM from the initialisation the run started at."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.net = network
+        self.in_channels = network.in_channels
+        self.max_points = network.max_points
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.net.reference():
+            return self.net(x)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        with self.net.reference():
+            return self.net.encode(images)
+
+    def decode(self, *args, **kwargs):
+        with self.net.reference():
+            return self.net.decode(*args, **kwargs)
+
+
+def policy(network: nn.Module, which: str = "actor") -> nn.Module:
+    """``actor``: the network as trained; ``reference``: the same network with adapters off (zero-shot SAM)."""
+    if which == "actor":
+        return network
+    if which == "reference":
+        return ReferencePolicy(network)
+    raise ValueError(f"eval_policy must be 'actor' or 'reference', got {which!r}")

@@ -159,13 +159,10 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: Sam, source: str = "
 
 def load_sam_checkpoint(model: Sam, path: str | os.PathLike) -> Sam:
     """Load an official-layout SAM checkpoint at ``path`` into ``model``, resizing position tables as needed."""
+    from bundle.checkpoints import read_file  # the one checkpoint reader; it imports this package
+
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"SAM checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, wrong format, pickle with code ...
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    state = read_file(path, "SAM checkpoint")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

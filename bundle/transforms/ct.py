@@ -1,4 +1,7 @@
-"""CT intensity: named HU windows -> [0, 1] with clipping (monai ScaleIntensityRanged), grey -> 3 channels.
+"""CT intensity: named HU windows -> [0, 1] with clipping, grey -> 3 channels.
+
+``(hu - low) / (high - low)`` clipped to [0, 1]: :class:`CTWindowd` (MONAI ``ScaleIntensityRanged``) in the data
+pipelines, :func:`apply_window` on arrays (inference); nothing else in the bundle windows CT.
 
 | window      | HU range        | level / width | use                                            |
 |-------------|-----------------|---------------|------------------------------------------------|
@@ -16,6 +19,7 @@ Config use::
 
 from __future__ import annotations
 
+import numpy as np
 from monai.config import KeysCollection
 from monai.transforms import RepeatChanneld, ScaleIntensityRanged
 
@@ -38,6 +42,12 @@ def window_range(window: str | tuple[float, float] | list[float]) -> tuple[float
     if not low < high:
         raise ValueError(f"CT window must have low < high, got ({low}, {high})")
     return low, high
+
+
+def apply_window(hu: np.ndarray, window: str | tuple[float, float] | list[float]) -> np.ndarray:
+    """HU array -> float32 in [0, 1]: ``window`` (a name or a (low, high) pair) mapped linearly, the rest clipped."""
+    low, high = window_range(window)
+    return np.clip((np.asarray(hu).astype(np.float32) - low) / (high - low), 0.0, 1.0)
 
 
 class CTWindowd(ScaleIntensityRanged):

@@ -8,7 +8,7 @@ import torch
 from monai.transforms import MapTransform, Randomizable, Transform
 
 from bundle.guidance import points_to_guidance
-from bundle.prompts import PromptSampler, evaluation_points, evaluation_rng, single_object_prompts
+from bundle.prompt_sampling import PromptSampler, evaluation_points, evaluation_rng, single_object_prompts
 
 
 class PromptSetsd(Randomizable, Transform):
@@ -59,7 +59,8 @@ class SingleObjectPromptsd(Randomizable, Transform):
 
     Reads ``label``, the (2, H, W) [instance, class] label (CT: channel 0 is the organ map, one organ one instance),
     already at the model's resolution; writes ``label`` (K, H, W) float, one object's mask per prompt,
-    ``points`` (K, max_clicks, 2) and ``point_labels`` (K, max_clicks) (see :func:`bundle.prompts.single_object_prompts`).
+    ``points`` (K, max_clicks, 2) and ``point_labels`` (K, max_clicks) (see
+    :func:`bundle.prompt_sampling.single_object_prompts`).
 
     Args:
         n_objects: K prompts (objects) per image.

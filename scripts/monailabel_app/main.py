@@ -51,7 +51,7 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 def _bad_input(exc: BaseException):
     """The bundle's PromptInputError (or another ValueError raised by the bundle's transforms) in ``exc``'s chain."""
-    from bundle.inference import PromptInputError
+    from bundle.clicks import PromptInputError
 
     seen, e = set(), exc
     while e is not None and id(e) not in seen:
@@ -155,7 +155,7 @@ def _first(value):
 
 def loadable_models(folder: str, network) -> list[str]:
     """Files ``*.pt`` in ``folder`` that load strictly into ``network`` (merged exports; not training states)."""
-    from bundle.export import check_state_dict, read_state_dict
+    from bundle.checkpoints import check_state_dict, read_state_dict
 
     names = []
     for name in sorted(f for f in os.listdir(folder) if f.endswith(".pt")) if os.path.isdir(folder) else []:
