@@ -38,8 +38,6 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from torch import nn
 
-from bundle.guidance import points_to_guidance
-
 logger = logging.getLogger(__name__)
 
 
@@ -104,7 +102,7 @@ class SAMPOPredictor:
     """
 
     def __init__(self, network: nn.Module, cache_size: int = 8) -> None:
-        for method in ("encode", "decode_clicks"):
+        for method in ("encode", "decode_clicks", "decode_points"):
             if not callable(getattr(network, method, None)):
                 raise TypeError(f"SAMPOPredictor needs a PromptableSAM (with {method}()), got {type(network).__name__}")
         self.network = network
@@ -160,7 +158,8 @@ class SAMPOPredictor:
 
     def predict(self, points: Sequence[Sequence[float]], labels: Sequence[int]) -> torch.Tensor:
         """(P, 2) (x, y) pixel clicks on the current image with labels 1 / 0 -> (1, H, W) logits of the best
-        predicted-IoU mask (``> 0``: the mask), as ``net(x)`` for the same image and click channels."""
+        predicted-IoU mask (``> 0``: the mask): ``SamPredictor.predict``'s best mask, and ``net(x)``'s for the same
+        image and click channels (clicks on pixel centres; click channels hold whole pixels)."""
         emb = getattr(self._current, "embedding", None)
         if emb is None:
             raise RuntimeError("no image set in this thread: call set_image(image) before predict(points, labels)")
@@ -168,9 +167,8 @@ class SAMPOPredictor:
         labs = torch.as_tensor(np.asarray(labels, np.int64).reshape(-1), device=emb.device)
         if len(pts) != len(labs):
             raise ValueError(f"{len(pts)} points but {len(labs)} labels")
-        guidance = points_to_guidance(pts[None], labs[None], self._current.size)
         with torch.no_grad():
-            return self.network.decode_clicks(emb, guidance)[0]
+            return self.network.decode_points(emb, pts[None], labs[None], self._current.size)[0]
 
     def forward_input(self, x: torch.Tensor, image_ids: Optional[Sequence[Optional[str]]] = None) -> torch.Tensor:
         """``net(x)`` for the single-tensor input (B, C + 2, H, W), each image's embedding from the cache."""
