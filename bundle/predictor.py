@@ -136,6 +136,7 @@ class SAMPOPredictor:
             return cached
         with torch.no_grad():
             emb = self.network.encode(image[None])
+        logger.info("encoded image %s (%s…); later clicks on it decode only", image_id or "without id", key[1][:8])
         with self.cache.lock:
             if weights_fingerprint(self.network) == fingerprint:  # not computed with weights replaced meanwhile
                 self.cache.put(key, emb)
