@@ -113,7 +113,9 @@ def measure_clicks(size: str, repeats: int, image_size: int) -> dict:
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-CLICKS_SECTION = "## Click latency (embedding cache)"
+def clicks_section() -> str:
+    """The benchmarks.md heading of a click-latency table (one per thread count)."""
+    return f"## Click latency (embedding cache), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
 
 
 def write_section(path: str, title: str, text: str) -> None:
@@ -129,20 +131,26 @@ def write_section(path: str, title: str, text: str) -> None:
         f.write(head.rstrip("\n") + "\n\n" + title + "\n\n" + text + "\n" + ("\n" + tail if tail else ""))
 
 
-def clicks_table(args, rows) -> list[str]:
+def clicks_table(args, rows, load_before: float) -> list[str]:
     import torch
 
     threads = os.environ.get("OMP_NUM_THREADS", "torch default")
     return [
         f"Measured with `OMP_NUM_THREADS={threads} python scripts/benchmark.py --clicks --sizes {' '.join(args.sizes)} "
         f"--repeats {args.repeats} --image_size {args.image_size}` on {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPU cores, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f} "
+        f"{os.cpu_count()} CPU cores, torch {torch.__version__}, load average {load_before:.1f} before and "
+        f"{os.getloadavg()[0]:.1f} after "
         f"({time.strftime('%Y-%m-%d')}); random weights, merged (lora_rank 0) as served.",
         "",
         f"| SAM size | first click: encode + decode (ms) | warm click: cached embedding, decode only (ms) | speed-up |",
         "|---|---|---|---|",
         *[f"| {size} | {r['first_click_s'] * 1e3:.1f} | {r['warm_click_s'] * 1e3:.1f} "
           f"| {r['first_click_s'] / r['warm_click_s']:.0f}x |" for size, r in rows],
+        "",
+        "A first click is `SAMPOPredictor.set_image` of an image not cached (content hash, image encoder) + `predict`; "
+        "a warm click is `set_image` of a cached image (content hash, weight check) + `predict` (prompt encoder, "
+        "mask decoder, upsampling to the image size). The MONAI Label infer request adds reading the image, "
+        "preprocessing and writing the label.",
     ]
 
 
@@ -169,7 +177,7 @@ def main(argv=None):
         print(json.dumps(measure(args._child, args.batch, args.n_sets, args.repeats, args.image_size, args.objective,
                                  args.correction_rounds, args.loss_size)))
         return
-    rows = []
+    rows, load_before = [], os.getloadavg()[0]
     for size in args.sizes:
         cmd = [sys.executable, __file__, "--_child", size, "--batch", str(args.batch), "--n_sets", str(args.n_sets),
                "--repeats", str(args.repeats), "--image_size", str(args.image_size), "--objective", args.objective,
@@ -180,10 +188,10 @@ def main(argv=None):
         rows.append((size, result))
         print(f"{size}: {json.dumps({k: round(v, 3) for k, v in result.items()})}", flush=True)
     if args.clicks:
-        text = "\n".join(clicks_table(args, rows))
+        text = "\n".join(clicks_table(args, rows, load_before))
         print(text)
         if args.write:
-            write_section(args.write, CLICKS_SECTION, text)
+            write_section(args.write, clicks_section(), text)
         return
     import torch
 
