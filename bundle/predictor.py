@@ -19,8 +19,8 @@ because :meth:`~bundle.networks.PromptableSAM.forward` is ``decode_clicks(encode
   concurrent requests on two images each get their own mask. Encoding runs outside the lock.
 
 :class:`CachedPromptInferer` is the MONAI ``Inferer`` of ``configs/inference.yaml`` (so of MONAI Label's infer
-task): it keeps one predictor per served network object, so a network that MONAI Label reloads after training
-starts a fresh cache. Networks without ``encode`` / ``decode_clicks`` (TorchScript ``model.ts``) are run as they
+task): it keeps one predictor for the served network object, shared by all its instances in the process (a config
+parsed again keeps the cache), so a network that MONAI Label reloads after training starts a fresh cache. Networks without ``encode`` / ``decode_clicks`` (TorchScript ``model.ts``) are run as they
 are.
 """
 
@@ -197,18 +197,21 @@ class CachedPromptInferer(Inferer):
         cache_size: image embeddings kept per served network (0: no cache).
     """
 
+    _served: Optional[SAMPOPredictor] = None  # shared by the instances: a config parsed again keeps the cache
+    _lock = threading.Lock()
+
     def __init__(self, cache_size: int = 8) -> None:
         EmbeddingCache(cache_size)  # the argument check, before the first request
         self.cache_size = cache_size
-        self._predictor: Optional[SAMPOPredictor] = None
-        self._lock = threading.Lock()
 
     def predictor(self, network: nn.Module) -> SAMPOPredictor:
         """The predictor of ``network`` (a new one, with an empty cache, when the served network object changed)."""
-        with self._lock:
-            if self._predictor is None or self._predictor.network is not network:
-                self._predictor = SAMPOPredictor(network, self.cache_size)
-            return self._predictor
+        cls = type(self)
+        with cls._lock:
+            served = cls._served
+            if served is None or served.network is not network or served.cache.max_size != self.cache_size:
+                served = cls._served = SAMPOPredictor(network, self.cache_size)
+            return served
 
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
         x = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs

@@ -126,13 +126,15 @@ def test_inferer_equals_net_x_and_a_new_network_starts_a_new_cache(net):
     image = images(1)[0]
     x = MetaTensor(torch.cat([image[None], points_to_guidance(torch.tensor([[[10.0, 20.0]]]), torch.tensor([[1]]),
                                                               (S, S))], 1), meta={"filename_or_obj": "img0.png"})
+    with torch.no_grad():
+        expected = net(x.as_tensor())
     calls = count_encodes(net)
     first = inferer(x, net)
     second = inferer(x, net)
     assert len(calls) == 1 and torch.equal(first, second)
-    with torch.no_grad():
-        torch.testing.assert_close(first, net(x.as_tensor()), atol=1e-5, rtol=0)
+    torch.testing.assert_close(first, expected, atol=1e-5, rtol=0)
     assert inferer.predictor(net).cache.keys()[0][0] == "img0.png"
+    assert torch.equal(CachedPromptInferer(cache_size=4)(x, net), first) and len(calls) == 1  # a re-parsed config
     reloaded = perturbed("tiny", S)  # MONAI Label reloads a changed model.pt as a new network object
     assert inferer.predictor(reloaded) is not inferer.predictor(net)
     with torch.no_grad():
