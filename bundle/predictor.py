@@ -20,8 +20,8 @@ because :meth:`~bundle.networks.PromptableSAM.forward` is ``decode_clicks(encode
 
 :class:`CachedPromptInferer` is the MONAI ``Inferer`` of ``configs/inference.yaml`` (so of MONAI Label's infer
 task): it keeps one predictor for the served network object, shared by all its instances in the process (a config
-parsed again keeps the cache), so a network that MONAI Label reloads after training starts a fresh cache. Networks without ``encode`` / ``decode_clicks`` (TorchScript ``model.ts``) are run as they
-are.
+parsed again keeps the cache), so a network that MONAI Label reloads after training starts a fresh cache. Networks
+without ``encode`` / ``decode_clicks`` (TorchScript ``model.ts``) are run as they are.
 """
 
 from __future__ import annotations
