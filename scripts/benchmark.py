@@ -2,13 +2,17 @@
 
     python scripts/benchmark.py --sizes tiny vit_b --write docs/benchmarks.md
     python scripts/benchmark.py --objective pretraining --sizes small --batch 8 --n_sets 4 --image_size 256
+    python scripts/benchmark.py --clicks --sizes tiny small vit_b --repeats 20 --write docs/benchmarks.md
 
 Each size runs in its own process so that peak memory (max RSS) is its own. A training step is one SAMPO
 iteration (actor + reference encode, N prompt sets decoded per image, loss, backward, AdamW step) on random
 images, or with ``--objective pretraining`` one iteration of the base's pretraining (bundle/pretraining.py: one
 encode, N one-click single-object prompts per image, ``--correction_rounds`` corrective rounds, full training
-without LoRA); the forward is `net(x)` on a (1, 5, S, S) input. Numbers are medians over the timed repeats after
-one warm-up.
+without LoRA); the forward is `net(x)` on a (1, 5, S, S) input. With ``--clicks`` it times interactive use
+instead (bundle/predictor.py, merged network as served): the first click on an image (``set_image`` of an image
+not cached: encode + decode) and a click on an image already set (cache hit: content hash + decode only), the
+click-to-mask latency MONAI Label's infer task adds to loading the image. Numbers are medians over the timed
+repeats after one warm-up.
 """
 
 from __future__ import annotations
@@ -83,6 +87,73 @@ def measure(size: str, batch: int, n_sets: int, repeats: int, image_size: int, o
     return out
 
 
+def measure_clicks(size: str, repeats: int, image_size: int) -> dict:
+    """Median first-click (encode + decode) and warm-click (decode only) latency of :class:`SAMPOPredictor`."""
+    import torch
+
+    sys.path.insert(0, REPO)
+    from bundle.networks import PromptableSAM
+    from bundle.predictor import SAMPOPredictor
+
+    torch.manual_seed(0)
+    predictor = SAMPOPredictor(PromptableSAM(size, image_size, lora_rank=0).eval(), cache_size=repeats + 2)
+    points, labels = [[image_size // 3, image_size // 2], [image_size // 2, image_size // 4]], [1, 0]
+    images = torch.rand(repeats + 1, 3, image_size, image_size)  # a new image per first click: never cached
+
+    def click(image):
+        t = time.perf_counter()
+        predictor.set_image(image, "bench")
+        predictor.predict(points, labels)
+        return time.perf_counter() - t
+
+    click(images[0])  # warm-up
+    first = statistics.median(click(image) for image in images[1:])
+    warm = statistics.median(click(images[0]) for _ in range(repeats))
+    return {"first_click_s": first, "warm_click_s": warm, "encoder_runs": predictor.misses,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def clicks_section() -> str:
+    """The benchmarks.md heading of a click-latency table (one per thread count)."""
+    return f"## Click latency (embedding cache), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+
+
+def write_section(path: str, title: str, text: str) -> None:
+    """Put ``text`` under the heading ``title`` of the markdown file ``path`` (replaced up to the next ``## `` heading,
+    or appended), leaving the rest of the file as it was."""
+    sys.path.insert(0, REPO)
+    from bundle.io import atomic_write
+
+    old = open(path).read() if os.path.isfile(path) else "# Benchmarks\n"
+    head, found, rest = old.partition(title + "\n")
+    tail = rest[rest.find("\n## ") + 1:] if found and "\n## " in rest else ""
+    with atomic_write(path, "w") as f:
+        f.write(head.rstrip("\n") + "\n\n" + title + "\n\n" + text + "\n" + ("\n" + tail if tail else ""))
+
+
+def clicks_table(args, rows, load_before: float) -> list[str]:
+    import torch
+
+    threads = os.environ.get("OMP_NUM_THREADS", "torch default")
+    return [
+        f"Measured with `OMP_NUM_THREADS={threads} python scripts/benchmark.py --clicks --sizes {' '.join(args.sizes)} "
+        f"--repeats {args.repeats} --image_size {args.image_size}` on {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPU cores, torch {torch.__version__}, load average {load_before:.1f} before and "
+        f"{os.getloadavg()[0]:.1f} after "
+        f"({time.strftime('%Y-%m-%d')}); random weights, merged (lora_rank 0) as served.",
+        "",
+        f"| SAM size | first click: encode + decode (ms) | warm click: cached embedding, decode only (ms) | speed-up |",
+        "|---|---|---|---|",
+        *[f"| {size} | {r['first_click_s'] * 1e3:.1f} | {r['warm_click_s'] * 1e3:.1f} "
+          f"| {r['first_click_s'] / r['warm_click_s']:.0f}x |" for size, r in rows],
+        "",
+        "A first click is `SAMPOPredictor.set_image` of an image not cached (content hash, image encoder) + `predict`; "
+        "a warm click is `set_image` of a cached image (content hash, weight check) + `predict` (prompt encoder, "
+        "mask decoder, upsampling to the image size). The MONAI Label infer request adds reading the image, "
+        "preprocessing and writing the label.",
+    ]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["tiny", "vit_b"])
@@ -94,22 +165,34 @@ def main(argv=None):
                         help="the training step to time: SAMPO fine-tuning, or the base's pretraining")
     parser.add_argument("--correction_rounds", type=int, default=0, help="pretraining: corrective-click rounds")
     parser.add_argument("--loss_size", type=int, help="pretraining: loss grid side (default: the image size)")
+    parser.add_argument("--clicks", action="store_true",
+                        help="time interactive clicks (first click vs cached embedding) instead of training")
     parser.add_argument("--write", help="markdown file to write the table to")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args._child and args.clicks:
+        print(json.dumps(measure_clicks(args._child, args.repeats, args.image_size)))
+        return
     if args._child:
         print(json.dumps(measure(args._child, args.batch, args.n_sets, args.repeats, args.image_size, args.objective,
                                  args.correction_rounds, args.loss_size)))
         return
-    rows = []
+    rows, load_before = [], os.getloadavg()[0]
     for size in args.sizes:
         cmd = [sys.executable, __file__, "--_child", size, "--batch", str(args.batch), "--n_sets", str(args.n_sets),
                "--repeats", str(args.repeats), "--image_size", str(args.image_size), "--objective", args.objective,
                "--correction_rounds", str(args.correction_rounds)]
         cmd += ["--loss_size", str(args.loss_size)] if args.loss_size else []  # fmt: skip
+        cmd += ["--clicks"] if args.clicks else []
         result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
         rows.append((size, result))
         print(f"{size}: {json.dumps({k: round(v, 3) for k, v in result.items()})}", flush=True)
+    if args.clicks:
+        text = "\n".join(clicks_table(args, rows, load_before))
+        print(text)
+        if args.write:
+            write_section(args.write, clicks_section(), text)
+        return
     import torch
 
     table = [

@@ -175,6 +175,66 @@ def test_info_offers_only_loadable_models_and_no_image_is_400(server):
     assert r.status_code == 400 and "no image" in r.json()["detail"]
 
 
+def served_mask(server, clicks, image="img0"):
+    r = infer(server, clicks, image=image)
+    assert r.status_code == 200, r.text
+    import io
+
+    return np.array(Image.open(io.BytesIO(r.content))) > 0
+
+
+def bundle_run_mask(server, clicks, tmp_path, image="img0"):
+    """The mask of the bundle's own inference (configs/inference.yaml, eager models/model.pt as it is now)."""
+    from monai.bundle import run
+
+    (tmp_path / "c.json").write_text(json.dumps(clicks))
+    shutil.copy(server["studies"] / f"{image}.png", tmp_path / f"{image}.png")
+    run("run", config_file=str(server["model_dir"] / "configs" / "inference.yaml"),
+        bundle_root=str(server["model_dir"]), device="$torch.device('cpu')",
+        input_image=str(tmp_path / f"{image}.png"), clicks=str(tmp_path / "c.json"))
+    return np.array(Image.open(tmp_path / f"{image}_seg.png")) > 0
+
+
+def test_later_clicks_decode_only_and_concurrent_clicks_stay_correct(server):
+    """bundle/predictor.py in the server: one encoding per image and served model, each request its own image's
+    mask when two images are clicked at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    log = server["root"] / "server.log"
+    start = len(log.read_text())
+    masks = [served_mask(server, {"foreground": [[10 + 5 * k, 20]], "background": [[5, 5]]}, image="img1")
+             for k in range(3)]
+    assert log.read_text()[start:].count("encoded image") == 1 and masks[0].shape == (48, 64)
+    clicks = {"img1": {"foreground": [[30, 20]]}, "img2": {"foreground": [[12, 40]], "background": [[50, 5]]}}
+    alone = {image: served_mask(server, c, image=image) for image, c in clicks.items()}
+    with ThreadPoolExecutor(4) as pool:
+        futures = [(image, pool.submit(served_mask, server, clicks[image], image)) for image in list(clicks) * 3]
+        for image, future in futures:
+            assert np.array_equal(future.result(), alone[image]), image
+
+
+def test_a_replaced_model_is_served_without_restart(server, tmp_path):
+    """models/model.pt replaced on disk (what a finished training run does): the next click gets the new model's
+    mask, not a cached embedding of the old one."""
+    from bundle.export import build_network
+    from bundle.io import atomic_torch_save
+
+    clicks = {"foreground": [[10, 20], [50, 30]], "background": [[5, 5]]}
+    model = server["model_dir"] / "models" / "model.pt"
+    original = model.read_bytes()
+    before = served_mask(server, clicks)
+    try:
+        torch.manual_seed(123)
+        atomic_torch_save(build_network("tiny", SIZE, lora_rank=0).state_dict(), model)
+        expected = bundle_run_mask(server, clicks, tmp_path)
+        assert not np.array_equal(expected, before)  # the two models answer these clicks differently
+        assert np.array_equal(served_mask(server, clicks), expected)
+    finally:
+        with open(model, "wb") as f:
+            f.write(original)
+    assert np.array_equal(served_mask(server, clicks), before)
+
+
 def _train(server, **params):
     import requests
 
@@ -226,13 +286,29 @@ def test_training_starts_on_datastore_labels(server, tmp_path):
         assert r.status_code == 200, r.text
     models = server["model_dir"] / "models"
     before = {p.name: p.read_bytes() for p in models.iterdir()}
+    clicks = {"foreground": [[10, 20], [50, 30]], "background": [[5, 5]]}
+    served_mask(server, clicks)  # the old model's embedding of img0 is cached now
     r = _train(server, max_epochs=1, val_split=0.34)
     assert r.status_code == 200, (r.text, (server["root"] / "server.log").read_text()[-3000:])
-    # a run of its own: the bundle's models/ untouched (the command-line run's checkpoint_epoch=1.pt not resumed)
-    assert {p.name: p.read_bytes() for p in models.iterdir()} == before
     runs = sorted((server["model_dir"] / "monailabel_train").glob("train_*"))
     assert len(runs) == 1 and (runs[0] / "models" / "checkpoint_epoch=1.pt").is_file()
     assert (runs[0] / "models" / "model.pt").is_file()  # the run's own export
+    # continued training: the run started from the served model (its SAM base holds the served weights) ...
+    from bundle.export import build_network
+
+    assert (runs[0] / "served_before" / "model.pt").read_bytes() == before["model.pt"]  # kept to roll back
+    served_before = build_network("tiny", SIZE, lora_rank=0)
+    served_before.load_state_dict(torch.load(runs[0] / "served_before" / "model.pt", weights_only=True))
+    start = torch.load(runs[0] / "served_start.pth", weights_only=True)
+    for key, value in served_before._sam.state_dict().items():
+        assert torch.equal(start[key], value), key
+    # ... and its export is served now; everything else in models/ as it was (checkpoint_epoch=1.pt not resumed)
+    after = {p.name: p.read_bytes() for p in models.iterdir()}
+    for name in ("model.pt", "model.ts"):
+        if name in before:
+            assert after.pop(name) == (runs[0] / "models" / name).read_bytes() != before.pop(name), name
+    assert after == before
+    assert np.array_equal(served_mask(server, clicks), bundle_run_mask(server, clicks, tmp_path))
     assert not (server["model_dir"] / "data" / "synthetic").exists()  # the datastore's data, no synthetic set
     # MLflow: the request's epochs logged, one iteration per epoch (2 training images, batch 2)
     import sqlite3

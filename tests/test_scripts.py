@@ -37,3 +37,20 @@ def test_benchmark_prints_and_writes_a_table(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert len(cells) == 6 and all(float(c) > 0 for c in cells[1:])
     assert "python scripts/benchmark.py --sizes tiny" in doc.read_text()
+
+
+def test_benchmark_clicks_writes_its_section_and_keeps_the_rest(tmp_path):
+    doc = tmp_path / "bench.md"
+    doc.write_text("# Benchmarks\n\ntraining table\n")
+    for after in ("\n## Later section\n\nkept\n", ""):  # appended, then replaced in place on a rerun
+        proc = _run(REPO / "scripts" / "benchmark.py", "--clicks", "--sizes", "tiny", "--repeats", 2,
+                    "--image_size", 64, "--write", doc)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        doc.write_text(doc.read_text() + after)
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\ntraining table\n") and text.count("## Click latency") == 1
+    assert text.endswith("## Later section\n\nkept\n")
+    row = next(line for line in text.splitlines() if line.startswith("| tiny |"))
+    first, warm = (float(c) for c in row.strip("|").split("|")[1:3])
+    assert first > 0 and warm > 0
+    assert "python scripts/benchmark.py --clicks --sizes tiny --repeats 2 --image_size 64" in text

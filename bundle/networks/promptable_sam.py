@@ -168,10 +168,20 @@ class PromptableSAM(nn.Module):
                 f"expected input (B, {expected}, H, W): {self.in_channels} image channels + 2 click channels, "
                 f"got {tuple(x.shape)}"
             )
-        h, w = x.shape[-2:]
-        points, labels = guidance_to_points(x[:, self.in_channels :], self.max_points)
-        low, iou = self.decode(self.encode(x[:, : self.in_channels]), points[:, None], labels[:, None], (h, w))
-        return F.interpolate(best_slot(low, iou), size=(h, w), mode="bilinear", align_corners=False)
+        return self.decode_clicks(self.encode(x[:, : self.in_channels]), x[:, self.in_channels :])
+
+    def decode_clicks(self, embeddings: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        """The second half of :meth:`forward`: (B, D, h, w) embeddings of the images and their (B, 2, H, W) click
+        channels -> (B, 1, H, W) logits of the best predicted-IoU mask (:mod:`bundle.predictor` caches the first)."""
+        points, labels = guidance_to_points(guidance, self.max_points)
+        return self.decode_points(embeddings, points, labels, tuple(guidance.shape[-2:]))
+
+    def decode_points(self, embeddings: torch.Tensor, points: torch.Tensor, labels: torch.Tensor,
+                      size: Tuple[int, int]) -> torch.Tensor:
+        """(B, D, h, w) embeddings, one prompt set per image ((B, P, 2) (x, y) clicks in an image of ``size``,
+        (B, P) labels 1 / 0 / -1) -> (B, 1, *size) logits of the best predicted-IoU mask."""
+        low, iou = self.decode(embeddings, points[:, None], labels[:, None], size)
+        return F.interpolate(best_slot(low, iou), size=size, mode="bilinear", align_corners=False)
 
 
 class ReferencePolicy(nn.Module):

@@ -9,10 +9,15 @@ clicks: ``POST /infer/sampo?image=<id>`` with params ``{"foreground": [[x, y], .
 voxel clicks ``[[i, j, k], ...]`` (3D; all on one slice). Bad requests are answered with HTTP 4xx: 422 for
 unusable clicks (none in the foreground, outside the image, malformed), 404 for an unknown model or image.
 The train task is MONAI Label's ``BundleTrainTask`` on the bundle's configs/train.yaml, reading the datastore's
-label masks (bundle/labeling.py); training starts from the config's own initialisation, not from the merged
-models/model.pt. Each ``POST /train/sampo`` is a fresh run of its own: checkpoints and exports in
-``<train_dir>/<run>/models`` (``--conf train_dir DIR``, default ``<bundle>/monailabel_train``; never the bundle's
-``models/``, never resuming the command-line run), MLflow in ``<train_dir>/eval/mlflow.db``, the datastore's
+label masks (bundle/labeling.py). Training continues from the model being served (bundle/continued.py): the merged
+models/model.pt becomes the run's SAM base (``<run>/served_start.pth``) under fresh LoRA adapters, so SAMPO's
+reference policy is the served model; the request's ``pretrained: false`` starts from the train config's own
+initialisation instead. When the run succeeds its export replaces the bundle's models/model.pt (and model.ts)
+atomically, the previous files kept in ``<run>/served_before/``; the infer task reloads model.pt on its new
+modification time, so the next click is answered by the new model without a restart (and the image-embedding cache
+of bundle/predictor.py starts afresh). Each ``POST /train/sampo`` is a fresh run of its own: checkpoints and exports
+in ``<train_dir>/<run>/models`` (``--conf train_dir DIR``, default ``<bundle>/monailabel_train``; never resuming the
+command-line run), MLflow in ``<train_dir>/eval/mlflow.db``, the datastore's
 labelled images only (no synthetic set) and the request's ``max_epochs`` (also the LR schedule's length and the
 logged parameter). Nothing to train on (no labelled image, or none left for training after ``val_split``) is
 answered 400, a bad ``max_epochs`` / ``val_split`` 422, each with the reason.
@@ -78,15 +83,18 @@ class SAMPOTrainTask(BundleTrainTask):
 
     def config(self):
         options = super().config()
-        # the train config initialises from SAM (see _load_checkpoint): no bundle file is a starting point to offer
+        # training continues from the served models/model.pt (pretrained: true) or the train config's initialisation
         options.pop("model_filename", None)
-        options.pop("pretrained", None)
         return options
 
     def _load_checkpoint(self, model_pytorch, pretrained, train_handlers):
         # models/model.pt holds merged weights (lora_rank 0); the training network has adapters, so MONAI Label's
-        # non-strict CheckpointLoader would silently load nothing. The train config initialises from SAM.
-        logger.info("SAMPO: training starts from the train config's initialisation (not %s)", model_pytorch)
+        # non-strict CheckpointLoader would silently load nothing: the served weights become the run's SAM base
+        # instead (_update_overrides, bundle/continued.py)
+        if isinstance(pretrained, str):
+            pretrained = strtobool(pretrained)
+        self._run["start"] = model_pytorch if pretrained and os.path.isfile(model_pytorch) else None
+        logger.info("SAMPO: training starts from %s", self._run["start"] or "the train config's initialisation")
 
     def check_request(self, request, datastore) -> tuple[int, int]:
         """(training, validation) item counts of ``request`` on ``datastore``; ``HTTPException`` 422 for a bad
@@ -126,7 +134,13 @@ class SAMPOTrainTask(BundleTrainTask):
         self._run = {"dir": run_dir, "max_epochs": request.get("max_epochs", 50), "datastore": datastore}
         result = super().__call__(request, datastore)
         logger.info("SAMPO: training run written to %s", run_dir)
-        return {**(result or {}), "output": run_dir}
+        served = None
+        if self._run.get("start"):
+            from bundle.continued import publish
+
+            served = publish(os.path.join(run_dir, "models"), os.path.dirname(self._run["start"]),
+                             os.path.join(run_dir, "served_before"))
+        return {**(result or {}), "output": run_dir, "served": served}
 
     def _update_overrides(self, overrides):
         from bundle.labeling import datastore_label_loader
@@ -136,6 +150,14 @@ class SAMPOTrainTask(BundleTrainTask):
             overrides["load"] = datastore_label_loader(load)
         run = self._run
         datastore = run.get("datastore")
+        if run.get("start"):
+            from bundle.continued import served_as_base
+
+            size = self.bundle_config.get_parsed_content("model_size")
+            image_size = self.bundle_config.get_parsed_content("image_size")
+            overrides["sam_checkpoint"] = served_as_base(
+                run["start"], os.path.join(run.get("dir", self.train_dir), "served_start.pth"), size, image_size
+            )
         overrides.update({
             # the request's epochs everywhere they are used: trainer, LR schedule, the logged hyperparameter
             "max_epochs": run.get("max_epochs", overrides.get(self.const.key_train_trainer_max_epochs())),
