@@ -56,13 +56,14 @@ base: $(STAMP) data/consep/datalist.json data/ct/datalist.json
 # The papers' comparison on the testbed base (docs/results.md): zero-shot / supervised / SAMPO on CoNSeP T1 and T2
 # at 10 % and 100 % of the training split, the loss-term ablations and beta at 10 %, over SEEDS, the base's
 # single-click Dice on the test split. Runs live in RUNS (outside the repository; reruns reuse finished runs), the
-# tables are written to docs/results/. JOBS trainings at once, one thread each.
+# tables are written to docs/results/. JOBS trainings at once, one thread each. learning_rate 1e-4 was chosen on
+# validation (docs/results.md, "Choosing the learning rate").
 RUNS ?= ../sampo_runs
 SEEDS ?= 0 1 2
 SEEDS_FULL ?= $(SEEDS)
 SEEDS_ABLATION ?= $(SEEDS)
 JOBS ?= 2
-TESTBED := --model_size small --image_size 256 --max_epochs 6 --batch_size 4 --val_interval 3 \
+TESTBED := --model_size small --image_size 256 --max_epochs 6 --batch_size 4 --learning_rate 0.0001 --val_interval 3 \
 	--datalist data/consep/datalist.json --sensitivity_max_images 30 --threads 1 --jobs $(JOBS) --bundle_root_base $(RUNS)
 results: $(STAMP) data/consep/datalist.json
 	OMP_NUM_THREADS=1 $(PY) -m monai.bundle run evaluating_base --config_file "['configs/train.yaml','configs/pretrain.yaml']" \
