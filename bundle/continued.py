@@ -36,7 +36,7 @@ def served_as_base(model_pt: str | os.PathLike, dest: str | os.PathLike, model_s
     Raises :class:`~bundle.networks.CheckpointError` naming the file when it does not load into a ``model_size`` /
     ``image_size`` network (e.g. the train config trains another SAM size than the one served).
     """
-    from bundle.export import load_network
+    from bundle.checkpoints import load_network
     from bundle.networks.sam_builder import save_sam_checkpoint
 
     net = load_network(model_pt, model_size=model_size, image_size=image_size, lora_rank=0)

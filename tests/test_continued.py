@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from bundle.continued import publish, served_as_base
-from bundle.export import build_network, merge_lora
+from bundle.checkpoints import build_network
+from bundle.export import merge_lora
 from bundle.guidance import points_to_guidance
 from bundle.networks import CheckpointError, PromptableSAM
 from test_conformance import perturbed

@@ -216,7 +216,7 @@ def test_later_clicks_decode_only_and_concurrent_clicks_stay_correct(server):
 def test_a_replaced_model_is_served_without_restart(server, tmp_path):
     """models/model.pt replaced on disk (what a finished training run does): the next click gets the new model's
     mask, not a cached embedding of the old one."""
-    from bundle.export import build_network
+    from bundle.checkpoints import build_network
     from bundle.io import atomic_torch_save
 
     clicks = {"foreground": [[10, 20], [50, 30]], "background": [[5, 5]]}
@@ -294,7 +294,7 @@ def test_training_starts_on_datastore_labels(server, tmp_path):
     assert len(runs) == 1 and (runs[0] / "models" / "checkpoint_epoch=1.pt").is_file()
     assert (runs[0] / "models" / "model.pt").is_file()  # the run's own export
     # continued training: the run started from the served model (its SAM base holds the served weights) ...
-    from bundle.export import build_network
+    from bundle.checkpoints import build_network
 
     assert (runs[0] / "served_before" / "model.pt").read_bytes() == before["model.pt"]  # kept to roll back
     served_before = build_network("tiny", SIZE, lora_rank=0)
