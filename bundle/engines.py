@@ -118,6 +118,15 @@ class PromptTrainer(Trainer):
         return engine.state.output
 
 
+def decode_actor_and_reference(net, images, points, labels, size):
+    """The prompt sets decoded by the actor and by pi_ref (adapters off, no gradients), each encoding the images
+    once: (actor low-res logits (B, N, M, h, w), actor predicted IoU (B, N, M), reference low-res logits)."""
+    low, iou_pred = net.decode(net.encode(images), points, labels, input_size=size)
+    with net.reference():
+        ref_low, _ = net.decode(net.encode(images), points, labels, input_size=size)
+    return low, iou_pred, ref_low
+
+
 class SAMPOTrainer(PromptTrainer):
     """Preference-optimisation trainer for :class:`bundle.networks.PromptableSAM` (steps 1-3 of the module docstring).
 
@@ -126,11 +135,8 @@ class SAMPOTrainer(PromptTrainer):
     """
 
     def compute_loss(self, images, targets, points, labels):
-        net = self.network
         size = tuple(targets.shape[-2:])
-        low, iou_pred = net.decode(net.encode(images), points, labels, input_size=size)
-        with net.reference():
-            ref_low, _ = net.decode(net.encode(images), points, labels, input_size=size)
+        low, iou_pred, ref_low = decode_actor_and_reference(self.network, images, points, labels, size)
         logits, ref_logits = upsample(low, size), upsample(ref_low, size)
         out = self.loss_function(logits, ref_logits, targets[:, 0], iou_pred)
         out.pop("iou", None)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from bundle.engines import decode_actor_and_reference
 from bundle.networks.decoding import best_slot, upsample
 from bundle.pretraining import SingleObjectTrainer
 from bundle.virtual_annotator import RankedDPOLoss, VirtualAnnotator
@@ -62,11 +63,8 @@ class SemiSupervisedTrainer(SingleObjectTrainer):
 
     def align(self, images, targets, points, labels):
         """Stage 2 on one batch: (the items' actor logits (B, N, H, W), loss terms)."""
-        net = self.network
         size = tuple(targets.shape[-2:])
-        low, iou_pred = net.decode(net.encode(images), points, labels, input_size=size)
-        with net.reference():
-            ref_low, _ = net.decode(net.encode(images), points, labels, input_size=size)
+        low, iou_pred, ref_low = decode_actor_and_reference(self.network, images, points, labels, size)
         chosen = iou_pred.detach()
         logits = upsample(best_slot(low, chosen), size)
         ref_logits = upsample(best_slot(ref_low, chosen), size)
