@@ -57,7 +57,7 @@ def read_prompt(source: Any) -> tuple[list, list, int | None]:
             source = np.load(path)
         else:
             try:
-                with open(path) as f:
+                with open(path, encoding="utf-8") as f:
                     source = json.load(f)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise PromptInputError(f"{path}: not a JSON clicks file ({e})") from e

@@ -56,8 +56,9 @@ def write_error(exc: BaseException, path: str | os.PathLike) -> WriteError:
 def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path`` for writing; rename it onto ``path`` when the block succeeds.
 
-    The folder is created if needed. The new file gets the usual permissions (0666 minus the umask), not
-    ``mkstemp``'s 0600. Any exception removes the temporary file; OS errors become :class:`WriteError`.
+    The folder is created if needed; text modes default to UTF-8. The new file gets the usual permissions (0666
+    minus the umask), not ``mkstemp``'s 0600. Any exception removes the temporary file; OS errors become
+    :class:`WriteError`.
     """
     if not any(m in mode for m in "wax") or "+" in mode and "r" in mode:
         raise ValueError(f"atomic_write needs a write mode ('w', 'wb'), got {mode!r}")
@@ -68,6 +69,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> It
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     except OSError as e:
         raise write_error(e, path) from e
+    if "b" not in mode:
+        open_kwargs.setdefault("encoding", "utf-8")
     try:
         with _open(fd, mode, **open_kwargs) as f:
             yield f

@@ -139,7 +139,7 @@ def write_grid_csv(grid: np.ndarray, path: str) -> str:
 
 
 def read_grid_csv(path: str) -> np.ndarray:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         rows = list(csv.reader(f))
     return np.array([[float(v) for v in row[1:]] for row in rows[1:]])
 

@@ -49,11 +49,11 @@ def run_name(output_dir: str, resuming: bool, prefix: str = "sampo") -> str:
     """
     path = os.path.join(output_dir, "run_name.txt")
     if resuming and os.path.isfile(path):
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return f.read().strip()
     name = f"{prefix}_{time.strftime('%Y%m%d_%H%M%S')}"
     os.makedirs(output_dir, exist_ok=True)
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         f.write(name)
     return name
 

@@ -124,7 +124,7 @@ def write_section(path: str, title: str, text: str) -> None:
     sys.path.insert(0, REPO)
     from bundle.io import atomic_write
 
-    old = open(path).read() if os.path.isfile(path) else "# Benchmarks\n"
+    old = open(path, encoding="utf-8").read() if os.path.isfile(path) else "# Benchmarks\n"
     head, found, rest = old.partition(title + "\n")
     tail = rest[rest.find("\n## ") + 1:] if found and "\n## " in rest else ""
     with atomic_write(path, "w") as f:
@@ -184,7 +184,8 @@ def main(argv=None):
                "--correction_rounds", str(args.correction_rounds)]
         cmd += ["--loss_size", str(args.loss_size)] if args.loss_size else []  # fmt: skip
         cmd += ["--clicks"] if args.clicks else []
-        result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True, encoding="utf-8")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append((size, result))
         print(f"{size}: {json.dumps({k: round(v, 3) for k, v in result.items()})}", flush=True)
     if args.clicks:
@@ -215,7 +216,7 @@ def main(argv=None):
     text = "\n".join(table)
     print(text)
     if args.write:
-        with open(args.write, "w") as f:
+        with open(args.write, "w", encoding="utf-8") as f:
             f.write("# Benchmarks\n\n" + text + "\n")
 
 

@@ -19,7 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def entry_for(model_size: str, large_files: str) -> dict:
-    with open(large_files) as f:
+    with open(large_files, encoding="utf-8") as f:
         entries = yaml.safe_load(f)["large_files"]
     for entry in entries:
         if f"sam_{model_size}_" in os.path.basename(entry["path"]):

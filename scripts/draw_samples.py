@@ -60,7 +60,7 @@ def main(argv=None):
     fig, axes = plt.subplots(len(a.row), a.n, figsize=(2.6 * a.n, 2.9 * len(a.row)), squeeze=False)
     for r, (config, dataset_dir) in enumerate(a.row):
         transform, datalist, task = row_pipeline(config, dataset_dir, a.seed)
-        with open(datalist) as f:
+        with open(datalist, encoding="utf-8") as f:
             classes = json.load(f)["classes"]
         items = pick(load_datalist(datalist, a.split), a.n)
         if not items:

@@ -53,7 +53,7 @@ def experiment_meta(name: str) -> dict:
     path = os.path.join(EXPERIMENTS, f"{name}.yaml")
     if not os.path.isfile(path):
         raise SystemExit(f"no experiment config {path}")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         cfg = yaml.safe_load(f) or {}
     meta = cfg.get("experiment", {})
     overlays = [os.path.join(REPO, "configs", f"{o}.yaml") for o in meta.get("overlays", [])]
@@ -72,7 +72,7 @@ def final_epoch(args, method: dict) -> int:
         return epochs
     stage2 = None
     for path in method["overlays"]:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             stage2 = (yaml.safe_load(f) or {}).get("stage2_epochs", stage2)
     stage2 = method["cfg"].get("stage2_epochs", stage2)
     for item in args.override or []:
@@ -122,11 +122,11 @@ def run(cmd: list[str], log: str, env: dict, dry_run: bool) -> None:
         return
     os.makedirs(os.path.dirname(log), exist_ok=True)
     start = time.time()
-    with open(log, "w") as f:
+    with open(log, "w", encoding="utf-8") as f:
         proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
     print(f"  -> rc {proc.returncode} in {time.time() - start:.0f} s (log: {log})", flush=True)
     if proc.returncode != 0:
-        with open(log) as f:
+        with open(log, encoding="utf-8") as f:
             tail = f.read()[-3000:]
         raise SystemExit(f"command failed (rc {proc.returncode}): {line}\n{tail}")
 
@@ -134,7 +134,7 @@ def run(cmd: list[str], log: str, env: dict, dry_run: bool) -> None:
 def max_epochs_of(args) -> int:
     if args.max_epochs is not None:
         return args.max_epochs
-    with open(os.path.join(REPO, "configs", "train.yaml")) as f:
+    with open(os.path.join(REPO, "configs", "train.yaml"), encoding="utf-8") as f:
         return int(yaml.safe_load(f)["max_epochs"])
 
 
@@ -182,7 +182,7 @@ def one(args, task: str, method: dict, column: dict | None, seed: int, env: dict
             os.path.join(root, "evaluate.log"), env, args.dry_run)
     if args.dry_run:
         return {}
-    with open(summary_path) as f:
+    with open(summary_path, encoding="utf-8") as f:
         summary = json.load(f)
     summary["bundle_root"] = root
     summary["val_dice"] = validation_dice(root) if method["train"] else None
@@ -295,7 +295,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     row_names, col_names = SETS[args.set]
     methods = [experiment_meta(n) for n in (args.configs or row_names)]
-    with open(os.path.join(REPO, "configs", "train.yaml")) as f:
+    with open(os.path.join(REPO, "configs", "train.yaml"), encoding="utf-8") as f:
         defaults = yaml.safe_load(f)
     for m in methods:  # say which beta a row ran with when the config leaves it to train.yaml
         if args.set == "beta" and "beta" not in m["cfg"]:

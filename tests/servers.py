@@ -42,21 +42,21 @@ def serve(name: str, command: Callable[[int], list[str]], health: str, log: Path
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with open(log, "w") as out:
+    with open(log, "w", encoding="utf-8") as out:
         proc = subprocess.Popen(command(port), cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
         try:
             deadline = time.time() + timeout
             while True:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{name} server exited: {Path(log).read_text()[-3000:]}")
+                    raise RuntimeError(f"{name} server exited: {Path(log).read_text(encoding='utf-8')[-3000:]}")
                 try:
                     if requests.get(url + health, timeout=5).status_code == 200:
                         break
                 except requests.ConnectionError:
                     pass
                 if time.time() > deadline:
-                    raise RuntimeError(f"{name} server did not start: {Path(log).read_text()[-3000:]}")
+                    raise RuntimeError(f"{name} server did not start: {Path(log).read_text(encoding='utf-8')[-3000:]}")
                 time.sleep(1)
             yield url, proc
         finally:

@@ -51,5 +51,5 @@ def test_the_committed_base_loads_into_the_small_sam_and_its_md5_is_the_document
     net = PromptableSAM("small", 256, lora_rank=0, checkpoint=bases.TESTBED_CHECKPOINT, require_checkpoint=True)
     assert net.initialisation == "sam_small_base.pth"
     md5 = hashlib.md5(Path(bases.TESTBED_CHECKPOINT).read_bytes()).hexdigest()
-    assert md5 in (REPO / "docs" / "testbed.md").read_text()
+    assert md5 in (REPO / "docs" / "testbed.md").read_text(encoding="utf-8")
     assert os.path.getsize(bases.TESTBED_CHECKPOINT) < 10 * 2**20

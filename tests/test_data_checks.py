@@ -122,10 +122,11 @@ def test_malformed_datalists_say_what_is_wrong(tmp_path, data, match):
 
     from bundle.data.datalist import load_datalist
 
-    (tmp_path / "d.json").write_text(json.dumps({"task_family": "nuclei", "classes": {"1": "a"}, **data}))
+    body = json.dumps({"task_family": "nuclei", "classes": {"1": "a"}, **data})
+    (tmp_path / "d.json").write_text(body, encoding="utf-8")
     with pytest.raises(ValueError, match=match):
         load_datalist(tmp_path / "d.json", "training")
-    (tmp_path / "d.json").write_text("[]")
+    (tmp_path / "d.json").write_text("[]", encoding="utf-8")
     with pytest.raises(ValueError, match="must be a JSON object"):
         load_datalist(tmp_path / "d.json", "training")
 

@@ -84,7 +84,7 @@ def test_read_label_merges_seven_types(consep_root):
 
 def test_prepare_consep_tiles_relabels_and_splits(consep_root, tmp_path):
     path = prepare_consep(consep_root, tmp_path / "out", tile_size=TILE, seed=0, progress=False)
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     assert data["classes"] == {"1": "other", "2": "inflammatory", "3": "epithelial", "4": "spindle"}
     entries = data["training"] + data["validation"] + data["test"]
     # split by source image: one of the five Train images is validation, Test is test
@@ -127,7 +127,7 @@ def test_prepare_consep_tiles_relabels_and_splits(consep_root, tmp_path):
 
 def test_prepare_consep_split_is_seeded(consep_root, tmp_path):
     runs = [prepare_consep(consep_root, tmp_path / f"o{s}", tile_size=TILE, seed=s, progress=False) for s in (0, 0, 1)]
-    sub = [json.loads(p.read_text()) for p in runs]
+    sub = [json.loads(p.read_text(encoding="utf-8")) for p in runs]
     val = [sub[k]["preparation"]["validation_sources"] for k in range(3)]
     assert val[0] == val[1]
     tens = [[e["image"] for e in d["training"] if 10 in e["subsets"]] for d in sub]
@@ -204,7 +204,7 @@ needs_shared = pytest.mark.skipif(
 @pytest.mark.data
 def test_shared_consep_converts(tmp_path):
     path = prepare_consep(SHARED_CONSEP, tmp_path / "consep", type_scheme=4, progress=False)
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     entries = data["training"] + data["validation"] + data["test"]
     assert len(entries) + data["preparation"]["skipped"].get("no nucleus", 0) == 576
     assert len({e["source"] for e in data["training"] + data["validation"]}) == 27
@@ -279,7 +279,7 @@ def test_bad_arguments_are_refused_before_anything_is_written(consep_root, tmp_p
 
 def test_output_that_is_not_a_prepared_dataset_is_refused(consep_root, tmp_path):
     (tmp_path / "o").mkdir()
-    (tmp_path / "o" / "notes.txt").write_text("mine")
+    (tmp_path / "o" / "notes.txt").write_text("mine", encoding="utf-8")
     with pytest.raises(ValueError, match=r"holds \['notes.txt'\], so it is not a prepared dataset"):
         prepare_consep(consep_root, tmp_path / "o", tile_size=TILE, progress=False)
-    assert (tmp_path / "o" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "o" / "notes.txt").read_text(encoding="utf-8") == "mine"

@@ -58,7 +58,7 @@ def _folder(tmp_path, image=None, inst=None, label_name="a_mask.png", image_name
 def _prepare(tmp_path, images, labels, **kwargs):
     kwargs.setdefault("tile_size", 32)
     path = prepare_folder(images, labels, tmp_path / "out", progress=False, **kwargs)
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     items = load_datalist(path, "test")
     return data, items, [np.load(i["label"]) for i in items], [np.asarray(Image.open(i["image"])) for i in items]
 
@@ -227,7 +227,7 @@ def test_bad_input_names_the_file_and_keeps_the_output(tmp_path, case):
     images, labels = _bad(tmp_path, case)
     out = tmp_path / "out"
     out.mkdir()
-    (out / "datalist.json").write_text("{}")
+    (out / "datalist.json").write_text("{}", encoding="utf-8")
     error, message = BAD[case]
     with pytest.raises(error, match=message):
         prepare_folder(images, labels, out, tile_size=32, progress=False)
@@ -254,7 +254,7 @@ def test_script_parses_mappings_and_split(tmp_path):
     prepare_folder_script.main(["--images", str(images), "--labels", str(labels), "--output", str(tmp_path / "o"),
                                 "--class_mapping", "1:1,5:2,7:2", "--class_names", "1:a,2:b", "--split",
                                 "validation", "--tile_size", "32", "--tissue", "colon"])  # fmt: skip
-    data = json.loads((tmp_path / "o" / "datalist.json").read_text())
+    data = json.loads((tmp_path / "o" / "datalist.json").read_text(encoding="utf-8"))
     assert data["classes"] == {"1": "a", "2": "b"} and data["test"] == []
     assert data["validation"][0]["tissue"] == "colon"
     assert sorted(np.unique(np.load(tmp_path / "o" / data["validation"][0]["label"])[1])) == [0, 1, 2]
@@ -303,11 +303,11 @@ def test_monuseg_xml_polygons_are_rasterised_at_the_image_size(tmp_path):
     (labels / "a_mask.png").unlink(missing_ok=True)
     (labels / "a.png").unlink()
     (labels / "a.xml").write_text(f"<Annotations><Annotation Id='1'><Regions>{squares}</Regions></Annotation>"
-                                  "</Annotations>")  # fmt: skip
+                                  "</Annotations>", encoding="utf-8")  # fmt: skip
     *_, labels_out, _ = _prepare(tmp_path, images, labels)
     expected = np.zeros((20, 24), np.int32)
     expected[1:6, 2:8], expected[10:17, 10:15] = 1, 2  # skimage.draw.polygon includes the vertices' pixels
     assert np.array_equal(labels_out[0][0][:20, :24], expected)
-    (labels / "a.xml").write_text("<Annotations><Region><Vertex X='a' Y='1'/></Region>")
+    (labels / "a.xml").write_text("<Annotations><Region><Vertex X='a' Y='1'/></Region>", encoding="utf-8")
     with pytest.raises(ValueError, match="a.xml as MoNuSeg / ImageScope XML"):
         _prepare(tmp_path, images, labels)

@@ -75,7 +75,7 @@ def test_prepare_pannuke_default_protocol(pannuke_root, tmp_path, capsys):
     from bundle.data.pannuke import find_fold_dirs
 
     path = prepare_pannuke(find_fold_dirs(pannuke_root), tmp_path / "out", progress=False)
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     assert data["task_family"] == "nuclei"
     assert data["classes"] == {"1": "neoplastic", "2": "inflammatory", "3": "connective", "4": "dead", "5": "epithelial"}
     for split, fold in (("training", 1), ("validation", 2), ("test", 3)):
@@ -101,7 +101,7 @@ def test_prepare_pannuke_script_with_other_folds(pannuke_root, tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "prepare_pannuke.py"), "--fold_dirs", *dirs,
            "--output", str(tmp_path / "o"), "--train", "2", "3", "--val", "--test", "1"]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path)
-    data = json.loads((tmp_path / "o" / "datalist.json").read_text())
+    data = json.loads((tmp_path / "o" / "datalist.json").read_text(encoding="utf-8"))
     assert sorted({e["fold"] for e in data["training"]}) == [2, 3]
     assert data["validation"] == [] and {e["fold"] for e in data["test"]} == {1}
     assert sum(10 in e["subsets"] for e in data["training"]) == 1  # ceil(10 % of 4)

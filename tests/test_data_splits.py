@@ -69,7 +69,7 @@ def test_writer_datalist_round_trips_through_load_datalist(tmp_path):
         writer.add("training" if i < 15 else "test", f"img{i:02d}", np.full((8, 8, 3), i, np.uint8), label, f"s{i}")
     writer.skip("no nucleus")
     path = writer.finish(seed=0)
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     assert data["classes"] == {"1": "a", "2": "b"} and data["preparation"]["skipped"] == {"no nucleus": 1}
     ten = load_datalist(path, "training", fraction=10)
     assert len(ten) == 2 and len(load_datalist(path, "training", fraction=30)) == 5

@@ -54,7 +54,7 @@ def btcv_root(tmp_path):
 
 def test_nifti_slices_organs_orientation_and_split(btcv_root, tmp_path):
     path = prepare_synapse(tmp_path / "out", btcv_root, progress=False)
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     assert data["task_family"] == "organ"
     assert data["classes"] == {str(i + 1): name for i, name in enumerate(ORGANS)}
     assert data["preparation"]["label_mapping"] == "btcv"
@@ -80,7 +80,7 @@ def test_nifti_slices_organs_orientation_and_split(btcv_root, tmp_path):
 
 def test_organ_subset_and_slice_counts(btcv_root, tmp_path):
     path = prepare_synapse(tmp_path / "o", btcv_root, organs=["Liver", "left kidney"], progress=False)
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     assert data["classes"] == {"3": "left_kidney", "5": "liver"}
     items = data["training"] + data["validation"] + data["test"]
     assert sorted({e["image"][-7:-4] for e in items}) == ["001", "003"]
@@ -91,13 +91,13 @@ def test_organ_subset_and_slice_counts(btcv_root, tmp_path):
 
 def test_explicit_patients_and_seeded_fractions(btcv_root, tmp_path):
     a = prepare_synapse(tmp_path / "a", btcv_root, test_patients=["img0002", "img0005"], val_patients=[], progress=False)
-    data = json.loads(a.read_text())
+    data = json.loads(a.read_text(encoding="utf-8"))
     assert data["preparation"]["patients"] == {"training": ["img0001", "img0003", "img0004"], "validation": [],
                                                "test": ["img0002", "img0005"]}  # fmt: skip
     with pytest.raises(ValueError, match=r"unknown test patients \['case9'\]; known patients: \['img0001'"):
         prepare_synapse(tmp_path / "b", btcv_root, test_patients=["case9"], progress=False)
-    b1 = json.loads(prepare_synapse(tmp_path / "b1", btcv_root, seed=4, progress=False).read_text())
-    b2 = json.loads(prepare_synapse(tmp_path / "b2", btcv_root, seed=4, progress=False).read_text())
+    b1 = json.loads(prepare_synapse(tmp_path / "b1", btcv_root, seed=4, progress=False).read_text(encoding="utf-8"))
+    b2 = json.loads(prepare_synapse(tmp_path / "b2", btcv_root, seed=4, progress=False).read_text(encoding="utf-8"))
     assert b1["training"] == b2["training"] and b1["preparation"]["patients"] == b2["preparation"]["patients"]
 
 
@@ -121,7 +121,7 @@ def npz_root(tmp_path):
 
 def test_npz_slices_are_stored_as_hu(npz_root, tmp_path):
     path = prepare_synapse(tmp_path / "o", npz_root, val_fraction=0.2, test_fraction=0.2, progress=False)
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     assert data["preparation"]["input_format"] == "npz" and data["preparation"]["label_mapping"] == "synapse"
     assert data["preparation"]["skipped"] == {"no organ": 1}
     entries = data["training"] + data["validation"] + data["test"]
@@ -198,7 +198,7 @@ def test_shared_ct_converts_and_windows(tmp_path):
               "--label_mapping", "totalsegmentator", "--output", str(tmp_path / "ct")]  # fmt: skip
     run = subprocess.run(script, capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=tmp_path, check=True)
     assert "skipped" in run.stdout
-    data = json.loads((tmp_path / "ct" / "datalist.json").read_text())
+    data = json.loads((tmp_path / "ct" / "datalist.json").read_text(encoding="utf-8"))
     raw = np.asarray(nib.load(seg).dataobj)
     assert nib.aff2axcodes(nib.load(ct).affine) == ("R", "A", "S")  # so display = raw[::-1, ::-1, k].T
     organ_slices = [k for k in range(raw.shape[2]) if np.isin(raw[:, :, k], list(TS_IDS.values())).any()]

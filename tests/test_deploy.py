@@ -97,7 +97,7 @@ def test_nifti_app_gives_the_bundle_mask(model_dir, tmp_path):
     affine = np.diag([-0.8, -0.8, 2.5, 1.0])
     nib.save(nib.Nifti1Image(hu, affine), in_dir / "ct.nii.gz")
     clicks = {"foreground": [[12, 10], [20, 15]], "background": [[3, 3]], "slice_index": 3}
-    (in_dir / "clicks.json").write_text(json.dumps(clicks))
+    (in_dir / "clicks.json").write_text(json.dumps(clicks), encoding="utf-8")
     run_app(py, "file", in_dir, tmp_path / "output", model_dir / "models" / "model.ts")
     deployed = nib.load(tmp_path / "output" / "ct_seg.nii.gz")
     assert deployed.shape == hu.shape and np.allclose(deployed.affine, affine)
@@ -115,7 +115,7 @@ def test_dicom_app_writes_a_dicom_seg_of_the_bundle_mask(model_dir, tmp_path):
     hu = np.random.default_rng(4).normal(0, 300, (36, 30, 5)).astype(np.int16)
     _write_dicom_series(in_dir, hu)
     clicks = {"foreground": [[10, 12]], "background": [[30, 25]], "slice_index": 2}
-    (in_dir / "clicks.json").write_text(json.dumps(clicks))
+    (in_dir / "clicks.json").write_text(json.dumps(clicks), encoding="utf-8")
     run_app(py, "dicom", in_dir, tmp_path / "output", model_dir / "models" / "model.ts")
     segs = list((tmp_path / "output").rglob("*.dcm"))
     assert len(segs) == 1

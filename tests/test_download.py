@@ -14,7 +14,7 @@ def _large_files(tmp_path, content: bytes, md5: str):
     src.write_bytes(content)
     spec = {"large_files": [{"path": "models/sam_vit_b_01ec64.pth", "url": src.as_uri(), "hash_val": md5, "hash_type": "md5"}]}
     path = tmp_path / "large_files.yml"
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
     return path
 
 
@@ -43,7 +43,7 @@ def test_unknown_model_size(tmp_path):
 
 
 def test_large_files_lists_the_official_checkpoints():
-    entries = yaml.safe_load((REPO / "large_files.yml").read_text())["large_files"]
+    entries = yaml.safe_load((REPO / "large_files.yml").read_text(encoding="utf-8"))["large_files"]
     names = {e["path"]: e["hash_val"] for e in entries}
     assert names["models/sam_vit_b_01ec64.pth"].startswith("01ec64")
     assert all(e["url"].startswith("https://dl.fbaipublicfiles.com/segment_anything/") for e in entries)

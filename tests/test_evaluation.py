@@ -196,11 +196,11 @@ def test_evaluate_config_end_to_end(tmp_path):
     for name in ("results.csv", "summary.json", "prompt_sensitivity.csv", "prompt_sensitivity.png",
                  "prompt_robustness_card.md", "executed_config.yaml"):
         assert (out_dir / name).is_file(), name
-    rows = list(csv.DictReader(open(out_dir / "results.csv")))
-    summary = json.load(open(out_dir / "summary.json"))
+    rows = list(csv.DictReader(open(out_dir / "results.csv", encoding="utf-8")))
+    summary = json.load(open(out_dir / "summary.json", encoding="utf-8"))
 
     # one row per (test image, class present) -- exactly the classes present, by the label files
-    datalist = json.load(open(tmp_path / "data" / "synthetic" / "datalist.json"))
+    datalist = json.load(open(tmp_path / "data" / "synthetic" / "datalist.json", encoding="utf-8"))
     expected, strata = set(), {}
     for item in datalist["test"]:
         label = np.load(tmp_path / "data" / "synthetic" / item["label"])
@@ -263,7 +263,7 @@ def test_zero_shot_evaluation(tmp_path):
     proc = _evaluate(tmp_path, "--eval_checkpoint", "", "--sensitivity", "False")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "Evaluating the INITIAL network" in proc.stdout
-    summary = json.load(open(tmp_path / "eval" / "evaluation" / "summary.json"))
+    summary = json.load(open(tmp_path / "eval" / "evaluation" / "summary.json", encoding="utf-8"))
     assert summary["n_items"] == 3 and "per_class" not in summary and "sensitivity" not in summary
     assert not (tmp_path / "eval" / "evaluation" / "prompt_sensitivity.png").exists()
 

@@ -18,7 +18,7 @@ spec.loader.exec_module(rx)
 def test_dry_run_trains_every_seed_and_evaluates_zero_shot_once(tmp_path):
     dry = subprocess.run([sys.executable, str(SCRIPT), "--set", "main", "--task", "t1", "--seeds", "3", "4",
                           "--bundle_root_base", str(tmp_path), "--model_size", "tiny", "--max_epochs", "1", "--dry_run"],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60, encoding="utf-8")
     assert dry.returncode == 0, dry.stderr
     lines = [ln for ln in dry.stdout.splitlines() if ln.startswith("$ ")]
     trains = [ln for ln in lines if "run training" in ln]

@@ -89,7 +89,7 @@ def test_export_bundle_writes_model_pt_and_ts(tmp_path):
     assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [64, 64]
     assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 5
     # the configs written beside the models describe the exported network
-    written = json.loads((tmp_path / "b" / "configs" / "metadata.json").read_text())
+    written = json.loads((tmp_path / "b" / "configs" / "metadata.json").read_text(encoding="utf-8"))
     assert written["network_data_format"] == meta["network_data_format"]
     # model.pt is what configs/inference.yaml's network_def loads strictly
     from monai.bundle import ConfigParser
@@ -176,7 +176,7 @@ def test_verify_net_in_out_and_metadata_schema(tmp_path):
     assert "data shape of network is verified with no error" in (r.stdout + r.stderr)
 
     schema = tmp_path / "schema.json"
-    schema.write_text(json.dumps(BUNDLE_METADATA_SCHEMA))
+    schema.write_text(json.dumps(BUNDLE_METADATA_SCHEMA), encoding="utf-8")
     r = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json",
          "--filepath", str(schema)],
@@ -186,9 +186,9 @@ def test_verify_net_in_out_and_metadata_schema(tmp_path):
     assert "metadata is verified with no error" in (r.stdout + r.stderr)
     # the schema copy does reject a metadata file that misses required fields
     bad = tmp_path / "bad.json"
-    meta = json.loads((REPO / "configs" / "metadata.json").read_text())
+    meta = json.loads((REPO / "configs" / "metadata.json").read_text(encoding="utf-8"))
     del meta["network_data_format"]["inputs"]["image"]["value_range"]
-    bad.write_text(json.dumps(meta))
+    bad.write_text(json.dumps(meta), encoding="utf-8")
     r = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(bad), "--filepath", str(schema)],
         cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300,

@@ -37,7 +37,7 @@ def run_bundle(bundle_dir, **overrides):
 
 
 def write_json(path, data):
-    path.write_text(json.dumps(data))
+    path.write_text(json.dumps(data), encoding="utf-8")
     return str(path)
 
 
@@ -247,7 +247,7 @@ def test_missing_and_malformed_click_files(tmp_path):
     with pytest.raises(PromptInputError, match="clicks file not found"):
         read_clicks(str(tmp_path / "none.json"))
     bad = tmp_path / "bad.json"
-    bad.write_text("{not json")
+    bad.write_text("{not json", encoding="utf-8")
     with pytest.raises(PromptInputError, match="bad.json: not a JSON clicks file"):
         read_clicks(str(bad))
     with pytest.raises(PromptInputError, match="no clicks given"):

@@ -74,9 +74,9 @@ def test_failed_write_keeps_the_previous_file(tmp_path, full_disk, kind):
 
 def test_successful_write_replaces_with_usual_permissions(tmp_path):
     path = tmp_path / "x.json"
-    path.write_text("old")
+    path.write_text("old", encoding="utf-8")
     bundle.io.save_json({"a": 1}, path)
-    assert path.read_text().replace(" ", "").replace("\n", "") == '{"a":1}'
+    assert path.read_text(encoding="utf-8").replace(" ", "").replace("\n", "") == '{"a":1}'
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask

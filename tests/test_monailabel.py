@@ -101,7 +101,7 @@ def test_clicks_give_a_mask_equal_to_the_bundle_run(server, tmp_path):
     label = np.array(Image.open(tmp_path / "label.png"))
     assert label.shape == (48, 64) and set(np.unique(label)) <= {0, 1}
     # the same image and clicks through the bundle's own inference (eager model.pt) give the same mask
-    (tmp_path / "c.json").write_text(json.dumps(clicks))
+    (tmp_path / "c.json").write_text(json.dumps(clicks), encoding="utf-8")
     shutil.copy(server["studies"] / "img0.png", tmp_path / "img0.png")
     run("run", config_file=str(server["model_dir"] / "configs" / "inference.yaml"),
         bundle_root=str(server["model_dir"]), device="$torch.device('cpu')",
@@ -187,7 +187,7 @@ def bundle_run_mask(server, clicks, tmp_path, image="img0"):
     """The mask of the bundle's own inference (configs/inference.yaml, eager models/model.pt as it is now)."""
     from monai.bundle import run
 
-    (tmp_path / "c.json").write_text(json.dumps(clicks))
+    (tmp_path / "c.json").write_text(json.dumps(clicks), encoding="utf-8")
     shutil.copy(server["studies"] / f"{image}.png", tmp_path / f"{image}.png")
     run("run", config_file=str(server["model_dir"] / "configs" / "inference.yaml"),
         bundle_root=str(server["model_dir"]), device="$torch.device('cpu')",
@@ -201,10 +201,10 @@ def test_later_clicks_decode_only_and_concurrent_clicks_stay_correct(server):
     from concurrent.futures import ThreadPoolExecutor
 
     log = server["root"] / "server.log"
-    start = len(log.read_text())
+    start = len(log.read_text(encoding="utf-8"))
     masks = [served_mask(server, {"foreground": [[10 + 5 * k, 20]], "background": [[5, 5]]}, image="img1")
              for k in range(3)]
-    assert log.read_text()[start:].count("encoded image") == 1 and masks[0].shape == (48, 64)
+    assert log.read_text(encoding="utf-8")[start:].count("encoded image") == 1 and masks[0].shape == (48, 64)
     clicks = {"img1": {"foreground": [[30, 20]]}, "img2": {"foreground": [[12, 40]], "background": [[50, 5]]}}
     alone = {image: served_mask(server, c, image=image) for image, c in clicks.items()}
     with ThreadPoolExecutor(4) as pool:
@@ -289,7 +289,7 @@ def test_training_starts_on_datastore_labels(server, tmp_path):
     clicks = {"foreground": [[10, 20], [50, 30]], "background": [[5, 5]]}
     served_mask(server, clicks)  # the old model's embedding of img0 is cached now
     r = _train(server, max_epochs=1, val_split=0.34)
-    assert r.status_code == 200, (r.text, (server["root"] / "server.log").read_text()[-3000:])
+    assert r.status_code == 200, (r.text, (server["root"] / "server.log").read_text(encoding="utf-8")[-3000:])
     runs = sorted((server["model_dir"] / "monailabel_train").glob("train_*"))
     assert len(runs) == 1 and (runs[0] / "models" / "checkpoint_epoch=1.pt").is_file()
     assert (runs[0] / "models" / "model.pt").is_file()  # the run's own export

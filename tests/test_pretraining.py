@@ -149,7 +149,7 @@ TINY_OVERLAY = {
 
 def _pretrain(root, *extra):
     overlay = root / "tiny.yaml"
-    overlay.write_text(yaml.safe_dump(TINY_OVERLAY))
+    overlay.write_text(yaml.safe_dump(TINY_OVERLAY), encoding="utf-8")
     configs = f"['{REPO}/configs/train.yaml','{REPO}/configs/pretrain.yaml','{overlay}']"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "pretraining", "--config_file", configs,
            "--bundle_root", str(root), *extra]  # fmt: skip

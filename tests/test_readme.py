@@ -36,6 +36,6 @@ def test_uncaught_error_ends_with_the_bundles_message():
     code = ("import bundle\n"
             "try:\n    raise FileNotFoundError('checkpoint not found: models/x.pt')\n"
             "except Exception as e:\n    raise RuntimeError('Failed to evaluate ConfigExpression: $...') from e\n")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, encoding="utf-8")
     assert run.returncode == 1
     assert run.stderr.strip().splitlines()[-1] == "FileNotFoundError: checkpoint not found: models/x.pt"

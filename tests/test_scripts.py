@@ -33,21 +33,21 @@ def test_benchmark_prints_and_writes_a_table(tmp_path):
     proc = _run(REPO / "scripts" / "benchmark.py", "--sizes", "tiny", "--batch", 1, "--n_sets", 2, "--repeats", 1,
                 "--image_size", 64, "--write", doc)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    row = next(line for line in doc.read_text().splitlines() if line.startswith("| tiny |"))
+    row = next(line for line in doc.read_text(encoding="utf-8").splitlines() if line.startswith("| tiny |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert len(cells) == 6 and all(float(c) > 0 for c in cells[1:])
-    assert "python scripts/benchmark.py --sizes tiny" in doc.read_text()
+    assert "python scripts/benchmark.py --sizes tiny" in doc.read_text(encoding="utf-8")
 
 
 def test_benchmark_clicks_writes_its_section_and_keeps_the_rest(tmp_path):
     doc = tmp_path / "bench.md"
-    doc.write_text("# Benchmarks\n\ntraining table\n")
+    doc.write_text("# Benchmarks\n\ntraining table\n", encoding="utf-8")
     for after in ("\n## Later section\n\nkept\n", ""):  # appended, then replaced in place on a rerun
         proc = _run(REPO / "scripts" / "benchmark.py", "--clicks", "--sizes", "tiny", "--repeats", 2,
                     "--image_size", 64, "--write", doc)  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-2000:]
-        doc.write_text(doc.read_text() + after)
-    text = doc.read_text()
+        doc.write_text(doc.read_text(encoding="utf-8") + after, encoding="utf-8")
+    text = doc.read_text(encoding="utf-8")
     assert text.startswith("# Benchmarks\n\ntraining table\n") and text.count("## Click latency") == 1
     assert text.endswith("## Later section\n\nkept\n")
     row = next(line for line in text.splitlines() if line.startswith("| tiny |"))

@@ -55,7 +55,7 @@ def test_training_logs_to_mlflow(tmp_path):
     env.update(PYTHONPATH=str(REPO / "tests" / "netguard"), NETGUARD_LOG=str(netlog))
     proc = _run(tmp_path, "--max_epochs", "2", "--beta", "2.5", "--num_threads", "1", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert not netlog.exists(), f"the training tried to reach the network: {netlog.read_text()}"
+    assert not netlog.exists(), f"the training tried to reach the network: {netlog.read_text(encoding='utf-8')}"
     out = proc.stdout + proc.stderr
     assert "torch uses 1 CPU thread (num_threads 1)" in out
     assert "RANDOM INITIALISATION" in out
@@ -65,7 +65,7 @@ def test_training_logs_to_mlflow(tmp_path):
 
     client = _client(tmp_path)
     (run,) = _runs(client)
-    assert run.info.run_name == (tmp_path / "eval" / "run_name.txt").read_text().strip()
+    assert run.info.run_name == (tmp_path / "eval" / "run_name.txt").read_text(encoding="utf-8").strip()
     assert run.info.status == "FINISHED"
     rid = run.info.run_id
     # per iteration (2 per epoch): the loss, its terms, the reward margin and the preference accuracy
@@ -82,7 +82,7 @@ def test_training_logs_to_mlflow(tmp_path):
     assert params["beta"] == "2.5" and params["model_size"] == "tiny" and params["initialisation"] == "random"
     assert {"lambda", "lambda_dw", "lora_rank", "n_prompt_sets", "learning_rate", "task"} <= set(params)
     local = client.download_artifacts(rid, "executed_config.yaml", str(tmp_path / "dl"))
-    executed = yaml.safe_load(open(local))
+    executed = yaml.safe_load(open(local, encoding="utf-8"))
     assert executed["model_size"] == "tiny" and executed["beta"] == 2.5 and "train" in executed
 
 

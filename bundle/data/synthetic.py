@@ -112,7 +112,7 @@ def make_dataset(out_dir: str, n_train: int = 48, n_val: int = 12, n_test: int =
             items.append(item)
         datalist[split] = items
     path = os.path.join(out_dir, "datalist.json")
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(datalist, f, indent=1)
     return path
 
@@ -122,7 +122,7 @@ def ensure_dataset(out_dir: str, n_train: int = 48, n_val: int = 12, n_test: int
     path = os.path.join(out_dir, "datalist.json")
     wanted = {"version": VERSION, "seed": seed, "size": size, "training": n_train, "validation": n_val, "test": n_test}
     if os.path.isfile(path):
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             if json.load(f).get("generator") == wanted:
                 return path
     logger.info("generating the embedded synthetic H&E dataset in %s", out_dir)

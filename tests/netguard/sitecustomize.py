@@ -18,7 +18,7 @@ def _local(address) -> bool:
 
 def _refuse(what):
     if _LOG:
-        with open(_LOG, "a") as f:
+        with open(_LOG, "a", encoding="utf-8") as f:
             f.write(f"{os.getpid()} {what!r}\n")
     raise OSError(f"netguard: {what!r} refused (tests must not reach the network)")
 
