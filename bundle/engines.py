@@ -11,7 +11,15 @@ One iteration, for a batch of images with N prompt sets each (METHOD.md):
    reference, each set with exactly its clicks plus SAM's padding point (:mod:`bundle.networks.decoding`);
 3. :class:`bundle.preference.SAMPOLoss` mines inter- and intra-prompt pairs and returns the hybrid loss, its
    preference terms pooled over the valid pairs of the whole batch;
-4. one optimiser step.
+4. one optimiser step (or one every ``accumulate_grad_batches`` batches).
+
+Mixed precision (``amp``): the network's forward passes run under ``torch.autocast`` (``amp_dtype`` bfloat16 or
+float16); their outputs are cast back to float32 before the loss, so the preference log-likelihoods, BCE and Dice
+are computed in float32. float16 needs a CUDA device and a ``GradScaler``; bfloat16 needs no scaler.
+Gradient accumulation: with k = ``accumulate_grad_batches`` each batch's loss is divided by the size n of its group
+(k, or fewer for the last group of an epoch) and the optimiser steps once per group, so a group of n batches of size b
+gives the gradient of the mean of their n losses (for the SUP and IoU-head terms, the gradient of one batch of n * b;
+the preference terms are pooled per batch, as METHOD.md pools them per step). Groups never cross an epoch.
 
 The output holds ``loss`` and its terms for the handlers, and ``pred`` / ``label`` for the training Dice / IoU:
 ``pred`` (B, N, H, W) has one channel per prompt set (its best predicted-IoU mask), ``label`` is G repeated, so the
@@ -25,14 +33,18 @@ from typing import Any, Callable, Sequence
 import torch
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn
+from monai.utils import min_version, optional_import
 from monai.utils import CommonKeys
 from torch.optim import Optimizer
+
+Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 from torch.utils.data import DataLoader
 
 from bundle.checkpoints import latest_checkpoint  # noqa: F401  (configs/train.yaml: bundle.engines.latest_checkpoint)
 from bundle.networks import PromptableSAM
 from bundle.networks.decoding import best_slot, upsample
 
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 LOGGED_TERMS = ("loss", "po1", "po2", "sup", "iou_head", "reward_margin", "preference_accuracy", "pairs", "focal",
                 "dice_loss", "chosen_logratio", "rejected_logratio", "preferences", "stage")
 
@@ -52,6 +64,9 @@ class PromptTrainer(Trainer):
         network: the network to train.
         optimizer: optimiser over the trainable parameters.
         loss_function: the objective's loss module, used by :meth:`compute_loss`.
+        amp: run the network's forward passes under ``torch.autocast`` (module docstring).
+        amp_dtype: ``bfloat16`` (CPU, or a GPU that supports it) or ``float16`` (CUDA, with a ``GradScaler``).
+        accumulate_grad_batches: optimiser step every this many batches (gradient accumulation), >= 1.
         the rest: as :class:`monai.engines.Trainer`.
     """
 
@@ -72,7 +87,15 @@ class PromptTrainer(Trainer):
         train_handlers: Sequence | None = None,
         decollate: bool = True,
         optim_set_to_none: bool = False,
+        amp: bool = False,
+        amp_dtype: str = "bfloat16",
+        accumulate_grad_batches: int = 1,
     ) -> None:
+        check_amp(device, amp, amp_dtype)
+        if isinstance(accumulate_grad_batches, bool) or not isinstance(accumulate_grad_batches, int) \
+                or accumulate_grad_batches < 1:
+            raise ValueError(f"accumulate_grad_batches must be an integer >= 1 (the optimiser steps once every that "
+                             f"many batches; 1 = every batch), got {accumulate_grad_batches!r}")
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -90,7 +113,31 @@ class PromptTrainer(Trainer):
         self.optimizer = optimizer
         self.loss_function = loss_function
         self.optim_set_to_none = optim_set_to_none
+        self.amp, self.amp_dtype = bool(amp), AMP_DTYPES[amp_dtype]
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp and self.amp_dtype == torch.float16 else None
+        self._epoch_start = 0  # state.iteration before the current epoch's first batch (epochs may differ in length)
+        self.add_event_handler(Events.EPOCH_STARTED, lambda e: setattr(e, "_epoch_start", e.state.iteration))
 
+    def forward_amp(self, fn: Callable, *args, **kwargs) -> Any:
+        """``fn(*args, **kwargs)`` (network forward passes) under autocast when ``amp`` is on; floating-point tensors
+        in the result (tensors, tuples and lists of them) come back as float32 for the loss."""
+        if not self.amp:
+            return fn(*args, **kwargs)
+        with torch.autocast(torch.device(self.state.device).type, dtype=self.amp_dtype):
+            out = fn(*args, **kwargs)
+        return _to_float32(out)
+
+    def accumulation_group(self) -> tuple[bool, bool, int]:
+        """For the current iteration: (first of its group, last of its group, group size n); groups of
+        ``accumulate_grad_batches`` batches counted from the start of each epoch, the last one possibly shorter."""
+        k, length = self.accumulate_grad_batches, self.state.epoch_length
+        if k == 1:
+            return True, True, 1
+        step = self.state.iteration - self._epoch_start  # 1-based position within the epoch
+        start = step - (step - 1) % k
+        n = min(k, length - start + 1)
+        return step == start, step == start + n - 1, n
     def compute_loss(self, images: torch.Tensor, targets: torch.Tensor, points: torch.Tensor,
                      labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """The objective on one batch: (pred logits, their label, loss terms with ``loss``) (subclasses)."""
@@ -105,17 +152,50 @@ class PromptTrainer(Trainer):
         points = batchdata["points"].to(device, non_blocking=nb).float()
         labels = batchdata["point_labels"].to(device, non_blocking=nb)
         engine.network.train()
-        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        first, last, group = engine.accumulation_group()
+        if first:
+            engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         preds, pred_labels, out = engine.compute_loss(images, targets, points, labels)
         engine.state.output = {CommonKeys.IMAGE: images, CommonKeys.LABEL: pred_labels, CommonKeys.PRED: preds.detach()}
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.state.output.update({k: v.detach() for k, v in out.items()})
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        out["loss"].backward()
+        loss = out["loss"] / group
+        (engine.scaler.scale(loss) if engine.scaler else loss).backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        engine.optimizer.step()
+        if last:
+            if engine.scaler:
+                engine.scaler.step(engine.optimizer)
+                engine.scaler.update()
+            else:
+                engine.optimizer.step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)  # MONAI decollates the output here
         return engine.state.output
+
+
+def check_amp(device: str | torch.device, amp: bool, amp_dtype: str) -> None:
+    """Clear errors for mixed-precision settings the device cannot run."""
+    if amp_dtype not in AMP_DTYPES:
+        raise ValueError(f"amp_dtype must be one of {sorted(AMP_DTYPES)}, got {amp_dtype!r}")
+    if not amp:
+        return
+    kind = torch.device(device).type
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"amp is supported on cpu (bfloat16) and cuda devices, not {device}: set amp false")
+    if amp_dtype == "float16" and kind != "cuda":
+        raise ValueError(f"amp with amp_dtype float16 needs a CUDA device (GradScaler); the device is {device}: "
+                         "use amp_dtype bfloat16 on CPU, or amp false")
+    if amp_dtype == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"amp with amp_dtype bfloat16: the GPU of {device} does not support bfloat16; "
+                         "use amp_dtype float16")
+
+
+def _to_float32(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_to_float32(o) for o in out)
+    return out
 
 
 def decode_actor_and_reference(net, images, points, labels, size):
@@ -136,7 +216,8 @@ class SAMPOTrainer(PromptTrainer):
 
     def compute_loss(self, images, targets, points, labels):
         size = tuple(targets.shape[-2:])
-        low, iou_pred, ref_low = decode_actor_and_reference(self.network, images, points, labels, size)
+        low, iou_pred, ref_low = self.forward_amp(decode_actor_and_reference, self.network, images, points, labels,
+                                                  size)
         logits, ref_logits = upsample(low, size), upsample(ref_low, size)
         out = self.loss_function(logits, ref_logits, targets[:, 0], iou_pred)
         out.pop("iou", None)

@@ -120,3 +120,106 @@ def test_latest_checkpoint_skips_a_file_truncated_by_a_kill(tmp_path):
     (tmp_path / "checkpoint_epoch=11.pt").write_bytes((tmp_path / "checkpoint_epoch=10.pt").read_bytes()[:40])
     assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint_epoch=10.pt")
     assert latest_checkpoint(str(tmp_path / "none")) is None
+
+
+# -- gradient accumulation and mixed precision (issue 12) ---------------------------------------------------------
+def _fixed_batches(n_images: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    target = torch.zeros(n_images, 1, 64, 64)
+    for i in range(n_images):
+        target[i, :, 8 + 4 * i:36 + 2 * i, 10:44 - 3 * i] = 1
+    return {"image": torch.rand(n_images, 3, 64, 64, generator=g), "label": target,
+            "points": torch.randint(0, 64, (n_images, 4, 6, 2), generator=g).float(),
+            "point_labels": torch.randint(0, 2, (n_images, 4, 6), generator=g)}
+
+
+def _split(batch: dict, size: int) -> list[dict]:
+    n = batch["image"].shape[0]
+    return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
+def _sup_trainer(batches, lr=0.5, **kwargs):
+    """A tiny SAMPO trainer with the SUP + IoU-head objective (pooled per candidate, so batches add up exactly)."""
+    from bundle.engines import SAMPOTrainer
+    from bundle.networks import PromptableSAM
+    from bundle.preference import SAMPOLoss
+
+    torch.manual_seed(0)
+    net = PromptableSAM("tiny", 64, lora_rank=4)
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=lr)
+    loss = SAMPOLoss(use_po1=False, use_po2=False)
+    return SAMPOTrainer("cpu", 1, batches, net, opt, loss, decollate=False, **kwargs), net
+
+
+def _trained(net):
+    return {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
+
+
+def test_accumulated_small_batches_give_the_step_of_one_large_batch():
+    batch = _fixed_batches(4)
+    large, large_net = _sup_trainer([batch])
+    large.run()
+    small, small_net = _sup_trainer(_split(batch, 2), accumulate_grad_batches=2)
+    start = _trained(small_net)
+    after_first = []
+    small.add_event_handler(Events.ITERATION_COMPLETED, lambda e: after_first.append(_trained(small_net))
+                            if e.state.iteration == 1 else None)
+    small.run()
+    # no optimiser step after the first half of the group; after the second, the step of the batch of 4
+    assert all(torch.equal(after_first[0][n], start[n]) for n in start)
+    expected, got = _trained(large_net), _trained(small_net)
+    assert any(not torch.equal(expected[n], start[n]) for n in start), "the large batch did not move the network"
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-6, msg=n)
+    # without accumulation the same two batches take two steps and end elsewhere
+    two_steps, two_net = _sup_trainer(_split(batch, 2))
+    two_steps.run()
+    assert any(not torch.allclose(_trained(two_net)[n], expected[n], atol=1e-5) for n in expected)
+
+
+def test_the_last_short_group_of_an_epoch_still_steps():
+    trainer, _ = _sup_trainer(_split(_fixed_batches(6), 2), accumulate_grad_batches=2)  # 3 batches: groups 2 + 1
+    trainer.max_epochs = trainer.state.max_epochs = 2
+    steps, groups = [], []
+    step = trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: (steps.append(trainer.state.iteration), step(*a, **k))[1]
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: groups.append(e.accumulation_group()))
+    trainer.run()
+    assert steps == [2, 3, 5, 6]  # groups never cross the epoch boundary
+    assert [g[2] for g in groups] == [2, 2, 1, 2, 2, 1]
+
+
+def test_bfloat16_amp_loss_is_finite_and_close_to_float32():
+    batch = _fixed_batches(2)
+    losses, grads = {}, {}
+    for amp in (False, True):
+        trainer, net = _sup_trainer([batch], amp=amp)
+        trainer.loss_function.use_po1 = trainer.loss_function.use_po2 = True  # the full SAMPO loss
+        _, _, out = trainer.compute_loss(batch["image"], batch["label"], batch["points"], batch["point_labels"])
+        out["loss"].backward()
+        assert out["loss"].dtype == torch.float32
+        losses[amp] = float(out["loss"])
+        grads[amp] = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+    assert torch.isfinite(torch.tensor(losses[True])) and torch.isfinite(grads[True]).all()
+    assert abs(losses[True] - losses[False]) <= 0.02 * abs(losses[False]), losses
+    cosine = torch.nn.functional.cosine_similarity(grads[True], grads[False], dim=0)
+    assert cosine > 0.95, float(cosine)
+
+
+def test_bad_accumulation_and_amp_settings_say_what_is_allowed(tmp_path):
+    import re
+
+    import pytest
+
+    for overrides, match in [
+        ({"accumulate_grad_batches": 0}, r"accumulate_grad_batches must be an integer >= 1.*got 0"),
+        ({"accumulate_grad_batches": 2.5}, r"accumulate_grad_batches must be an integer >= 1.*got 2.5"),
+        ({"amp": True, "amp_dtype": "float16"}, r"amp_dtype float16 needs a CUDA device.*use amp_dtype bfloat16"),
+        ({"amp_dtype": "fp8"}, r"amp_dtype must be one of \['bfloat16', 'float16'\], got 'fp8'"),
+    ]:
+        with pytest.raises(Exception) as info:  # MONAI's "Failed to instantiate" wraps the trainer's error
+            _trainer(tmp_path, **overrides)
+        chain, e = [], info.value
+        while e is not None:
+            chain, e = chain + [str(e)], e.__cause__ or e.__context__
+        assert re.search(match, "\n".join(chain)), chain
