@@ -1,7 +1,7 @@
 """Speed and memory of the SAMPO training step and of the single-tensor forward, per SAM size, on this machine.
 
     python scripts/benchmark.py --sizes tiny vit_b --write docs/benchmarks.md
-    python scripts/benchmark.py --sizes small --precisions fp32 bf16 --image_size 256 --write docs/benchmarks.md
+    python scripts/benchmark.py --sizes small --options fp32 amp checkpointing --image_size 256 --write docs/benchmarks.md
     python scripts/benchmark.py --objective pretraining --sizes small --batch 8 --n_sets 4 --image_size 256
     python scripts/benchmark.py --clicks --sizes tiny small vit_b --repeats 20 --write docs/benchmarks.md
 
@@ -9,9 +9,10 @@ Each size runs in its own process so that peak memory (max RSS) is its own. A tr
 iteration (actor + reference encode, N prompt sets decoded per image, loss, backward, AdamW step) on random
 images, or with ``--objective pretraining`` one iteration of the base's pretraining (bundle/pretraining.py: one
 encode, N one-click single-object prompts per image, ``--correction_rounds`` corrective rounds, full training
-without LoRA); the forward is `net(x)` on a (1, 5, S, S) input. ``--precisions fp32 bf16`` times the training
-step without and with mixed precision (the trainer's ``amp``, bfloat16 autocast of the forward passes; the forward
-column stays float32), each in its own process, and gives the step time relative to fp32. With ``--clicks`` it times interactive use
+without LoRA); the forward is `net(x)` on a (1, 5, S, S) input. ``--options fp32 amp checkpointing`` times the
+training step as is, with mixed precision (the trainer's ``amp``: bfloat16 autocast of the forward passes) and with
+activation checkpointing of the encoder blocks, each in its own process (so peak memory is the option's own), and
+gives the step time relative to fp32; the forward column is always the plain float32 forward. With ``--clicks`` it times interactive use
 instead (bundle/predictor.py, merged network as served): the first click on an image (``set_image`` of an image
 not cached: encode + decode) and a click on an image already set (cache hit: content hash + decode only), the
 click-to-mask latency MONAI Label's infer task adds to loading the image. Numbers are medians over the timed
@@ -30,11 +31,12 @@ import subprocess
 import sys
 import time
 
+OPTIONS = ("fp32", "amp", "checkpointing")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def measure(size: str, batch: int, n_sets: int, repeats: int, image_size: int, objective: str = "sampo",
-            correction_rounds: int = 0, loss_size: int | None = None, precision: str = "fp32") -> dict:
+            correction_rounds: int = 0, loss_size: int | None = None, option: str = "fp32") -> dict:
     import torch
 
     sys.path.insert(0, REPO)
@@ -46,10 +48,12 @@ def measure(size: str, batch: int, n_sets: int, repeats: int, image_size: int, o
 
     torch.manual_seed(0)
     pretraining = objective == "pretraining"
+    ckpt = {"activation_checkpointing": option == "checkpointing"}
     if pretraining:  # the base's pretraining: every part trained, no adapters
-        net = PromptableSAM(size, image_size, lora_rank=0, trainable=("image_encoder", "prompt_encoder", "mask_decoder"))
+        net = PromptableSAM(size, image_size, lora_rank=0, trainable=("image_encoder", "prompt_encoder", "mask_decoder"),
+                            **ckpt)
     else:
-        net = PromptableSAM(size, image_size, lora_rank=64 if size != "tiny" else 4)
+        net = PromptableSAM(size, image_size, lora_rank=64 if size != "tiny" else 4, **ckpt)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=3e-4)
     images = torch.rand(batch, 3, image_size, image_size)
     clicks = 1 if pretraining else 6
@@ -59,7 +63,7 @@ def measure(size: str, batch: int, n_sets: int, repeats: int, image_size: int, o
     labels[..., 0] = 1
     batchdata = {"image": images, "label": target, "points": points, "point_labels": labels}
     # the trainer's own iteration (encode once, decode every prompt set, loss, step), without a data loader
-    amp = {"amp": precision == "bf16", "amp_dtype": "bfloat16"}
+    amp = {"amp": option == "amp", "amp_dtype": "bfloat16"}
     if pretraining:
         trainer = SingleObjectTrainer("cpu", 1, [batchdata], net, opt, SingleObjectLoss(), decollate=False,
                                       correction_rounds=correction_rounds, loss_size=loss_size, **amp)
@@ -169,9 +173,9 @@ def main(argv=None):
                         help="the training step to time: SAMPO fine-tuning, or the base's pretraining")
     parser.add_argument("--correction_rounds", type=int, default=0, help="pretraining: corrective-click rounds")
     parser.add_argument("--loss_size", type=int, help="pretraining: loss grid side (default: the image size)")
-    parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32"],
-                        help="training step in float32 and / or with bfloat16 autocast (the trainer's amp)")
-    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--options", nargs="+", choices=OPTIONS, default=["fp32"],
+                        help="training step as is (fp32), with bfloat16 autocast (amp), with activation checkpointing")
+    parser.add_argument("--option", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--clicks", action="store_true",
                         help="time interactive clicks (first click vs cached embedding) instead of training")
     parser.add_argument("--write", help="markdown file to write the table to")
@@ -182,20 +186,20 @@ def main(argv=None):
         return
     if args._child:
         print(json.dumps(measure(args._child, args.batch, args.n_sets, args.repeats, args.image_size, args.objective,
-                                 args.correction_rounds, args.loss_size, args.precision)))
+                                 args.correction_rounds, args.loss_size, args.option)))
         return
     rows, load_before = [], os.getloadavg()[0]
-    precisions = ["fp32"] if args.clicks else args.precisions
-    for size, precision in [(size, precision) for size in args.sizes for precision in precisions]:
-        cmd = [sys.executable, __file__, "--_child", size, "--precision", precision, "--batch", str(args.batch), "--n_sets", str(args.n_sets),
+    options = ["fp32"] if args.clicks else args.options
+    for size, option in [(size, option) for size in args.sizes for option in options]:
+        cmd = [sys.executable, __file__, "--_child", size, "--option", option, "--batch", str(args.batch), "--n_sets", str(args.n_sets),
                "--repeats", str(args.repeats), "--image_size", str(args.image_size), "--objective", args.objective,
                "--correction_rounds", str(args.correction_rounds)]
         cmd += ["--loss_size", str(args.loss_size)] if args.loss_size else []  # fmt: skip
         cmd += ["--clicks"] if args.clicks else []
         done = subprocess.run(cmd, check=True, capture_output=True, text=True, encoding="utf-8")
         result = json.loads(done.stdout.strip().splitlines()[-1])
-        rows.append((size, result) if args.clicks else (size, precision, result))
-        print(f"{size} {precision}: {json.dumps({k: round(v, 3) for k, v in result.items()})}", flush=True)
+        rows.append((size, result) if args.clicks else (size, option, result))
+        print(f"{size} {option}: {json.dumps({k: round(v, 3) for k, v in result.items()})}", flush=True)
     if args.clicks:
         text = "\n".join(clicks_table(args, rows, load_before))
         print(text)
@@ -207,21 +211,21 @@ def main(argv=None):
     table = [
         f"Measured with `python scripts/benchmark.py --sizes {' '.join(args.sizes)} --batch {args.batch} "
         f"--n_sets {args.n_sets} --image_size {args.image_size} --objective {args.objective}"
-        + (f" --precisions {' '.join(args.precisions)}" if args.precisions != ["fp32"] else "")
+        + (f" --options {' '.join(args.options)}" if args.options != ["fp32"] else "")
         + (f" --correction_rounds {args.correction_rounds}" if args.objective == "pretraining" else "")
         + (f" --loss_size {args.loss_size}" if args.loss_size else "")
         + f"` on {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPU cores, torch {torch.__version__} ({time.strftime('%Y-%m-%d')}).",
         "",
-        f"| SAM size | precision | trainable params (M) | {args.objective} step, batch {args.batch} x {args.n_sets} "
+        f"| SAM size | option | trainable params (M) | {args.objective} step, batch {args.batch} x {args.n_sets} "
         "prompt sets (s) | step / fp32 step | training images / s | forward `net(x)`, 1 image (s) | peak RSS (GiB) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    fp32 = {size: r["train_step_s"] for size, precision, r in rows if precision == "fp32"}
-    for size, precision, r in rows:
+    fp32 = {size: r["train_step_s"] for size, option, r in rows if option == "fp32"}
+    for size, option, r in rows:
         ratio = f"{r['train_step_s'] / fp32[size]:.2f}" if size in fp32 else "-"
         table.append(
-            f"| {size} | {precision} | {r['trainable_params_m']:.2f} | {r['train_step_s']:.2f} | {ratio} "
+            f"| {size} | {option} | {r['trainable_params_m']:.2f} | {r['train_step_s']:.2f} | {ratio} "
             f"| {r['train_images_per_s']:.2f} | {r['forward_s']:.3f} | {r['peak_rss_gib']:.2f} |"
         )
     text = "\n".join(table)

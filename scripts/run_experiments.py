@@ -41,7 +41,7 @@ SETS = {
     "ablation_terms": (["supervised", "po1_sup", "po2_sup", "po1_po2", "sampo"], None),
     "lambda_dw": (["lambda_dw_0.1", "lambda_dw_0.5", "lambda_dw_1", "lambda_dw_2"], None),
     "lora_rank": (["lora_rank_4", "lora_rank_8", "lora_rank_32", "lora_rank_64"], None),
-    "beta": (["beta_0.1", "beta_1", "beta_10", "beta_100"], None),
+    "beta": (["beta_0.01", "beta_0.1", "beta_1", "beta_10", "beta_100"], None),
     "fractions": (["zero_shot", "supervised", "sampo"], ["fraction_10", "fraction_20", "fraction_30", "fraction_100"]),
     # paper 003 (docs/virtual_annotator.md): each row fixes its own labelled fraction
     "va": (["va_supervised_10", "va_aligned_10", "va_sampo_10", "va_supervised_100"], None),

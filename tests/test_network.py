@@ -204,3 +204,45 @@ def test_rank_zero_has_no_reference_policy_and_says_so():
     with pytest.raises(RuntimeError, match="lora_rank 0 means no LoRA adapters, so there is no reference policy"):
         with net.reference():
             pass
+
+
+def test_activation_checkpointing_keeps_gradients_names_and_the_reference(monkeypatch):
+    """Checkpointed encoder blocks give the same loss and gradients, parameter names and reference outputs; the
+    backward pass recomputes the blocks (their forward runs twice per training step)."""
+    from segment_anything.modeling.image_encoder import Block
+
+    from bundle.networks.activation_checkpointing import CheckpointedBlock
+
+    calls, block_forward = [], Block.forward
+    monkeypatch.setattr(Block, "forward", lambda self, x: (calls.append(1), block_forward(self, x))[1])
+
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    pts, lab = torch.tensor([[[[20.0, 20.0], [40.0, 12.0]]]] * 2), torch.tensor([[[1, 0]]] * 2)
+    results = {}
+    for on in (False, True):
+        torch.manual_seed(0)  # peft draws LoRA A from the global RNG
+        net = PromptableSAM("tiny", 64, lora_rank=4, seed=0, activation_checkpointing=on).train()
+        with torch.no_grad():  # LoRA B starts at zero: move it so that the adapters' gradients are not trivial
+            for n, p in net.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        blocks = net._sam.image_encoder.blocks
+        calls.clear()
+        low, iou = net.decode(net.encode(x), pts, lab)
+        loss = low.square().mean() + iou.sum()
+        loss.backward()
+        n_calls = len(calls)
+        with net.reference():
+            ref, _ = net.decode(net.encode(x), pts, lab)
+        results[on] = {"loss": loss.detach(), "ref": ref, "calls": n_calls, "n_blocks": len(blocks),
+                       "grads": {n: p.grad for n, p in net.named_parameters() if p.requires_grad},
+                       "types": {type(b) for b in blocks}, "keys": list(net.state_dict())}
+    off, on = results[False], results[True]
+    assert on["types"] == {CheckpointedBlock} and CheckpointedBlock not in off["types"]
+    assert on["keys"] == off["keys"]
+    assert off["calls"] == off["n_blocks"] and on["calls"] == 2 * on["n_blocks"]
+    torch.testing.assert_close(on["loss"], off["loss"])
+    torch.testing.assert_close(on["ref"], off["ref"])
+    assert on["grads"].keys() == off["grads"].keys()
+    for n in off["grads"]:
+        torch.testing.assert_close(on["grads"][n], off["grads"][n], rtol=1e-5, atol=1e-7, msg=n)

@@ -28,19 +28,19 @@ def test_draw_samples_writes_one_row_per_task(tmp_path):
     assert image.width > 0 and image.height > image.width / 2  # two rows of two samples
 
 
-def test_benchmark_prints_and_writes_a_table_per_precision_and_keeps_other_sections(tmp_path):
+def test_benchmark_prints_and_writes_a_table_per_option_and_keeps_other_sections(tmp_path):
     doc = tmp_path / "bench.md"
     doc.write_text("# Benchmarks\n\n## Click latency\n\nkept\n", encoding="utf-8")
     proc = _run(REPO / "scripts" / "benchmark.py", "--sizes", "tiny", "--batch", 1, "--n_sets", 2, "--repeats", 1,
-                "--image_size", 64, "--precisions", "fp32", "bf16", "--write", doc)  # fmt: skip
+                "--image_size", 64, "--options", "fp32", "amp", "checkpointing", "--write", doc)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = doc.read_text(encoding="utf-8")
     rows = [line for line in text.splitlines() if line.startswith("| tiny |")]
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
-    assert [c[1] for c in cells] == ["fp32", "bf16"]
+    assert [c[1] for c in cells] == ["fp32", "amp", "checkpointing"]
     assert all(len(c) == 8 and all(float(v) > 0 for v in c[2:]) for c in cells)
     assert cells[0][4] == "1.00"  # step / fp32 step
-    assert "python scripts/benchmark.py --sizes tiny" in text and "--precisions fp32 bf16" in text
+    assert "python scripts/benchmark.py --sizes tiny" in text and "--options fp32 amp checkpointing" in text
     assert "## Training step (sampo)" in text and "## Click latency\n\nkept\n" in text
 
 

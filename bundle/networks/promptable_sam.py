@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bundle.guidance import guidance_to_points
+from bundle.networks.activation_checkpointing import checkpoint_blocks
 from bundle.networks.decoding import best_slot, decode_prompt_sets
 from bundle.networks.lora import add_lora, check_lora_args
 from bundle.networks.sam_builder import build_sam, load_sam_checkpoint
@@ -51,6 +52,8 @@ class PromptableSAM(nn.Module):
         lora_targets: names of the encoder's linear layers that get adapters.
         trainable: SAM parts trained in full beside the adapters (``prompt_encoder``, ``mask_decoder``).
         max_points: clicks read per guidance channel in the single-tensor forward.
+        activation_checkpointing: recompute the image encoder's block activations in the backward pass (less
+            memory, about one more encoder forward per training step; :mod:`.activation_checkpointing`).
         seed: build the SAM weights from this seed (the global RNG is left as it was), so that a random base can
             be rebuilt for the adapter-sized checkpoints of :mod:`bundle.checkpoints`; None: the global RNG.
     """
@@ -68,6 +71,7 @@ class PromptableSAM(nn.Module):
         trainable: Sequence[str] = ("prompt_encoder", "mask_decoder"),
         max_points: int = 16,
         seed: int | None = None,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if in_channels not in (1, 3):
@@ -104,6 +108,8 @@ class PromptableSAM(nn.Module):
             for name, param in sam.named_parameters():
                 param.requires_grad = name.split(".")[0] in trainable
             self.sam = sam
+        if activation_checkpointing:
+            checkpoint_blocks(self._sam.image_encoder)
         self.register_buffer("pixel_mean", torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1), False)
 
