@@ -13,6 +13,10 @@ One iteration, for a batch of images with N prompt sets each (METHOD.md):
    preference terms pooled over the valid pairs of the whole batch;
 4. one optimiser step (or one every ``accumulate_grad_batches`` batches).
 
+Distributed (``distributed``, :mod:`bundle.distributed`): every network pass of an iteration goes through one
+``DistributedDataParallel`` forward (:meth:`PromptTrainer.network_pass`), so that DDP prepares its gradient
+all-reduce although the objectives call ``encode`` / ``decode`` rather than ``forward``.
+
 Mixed precision (``amp``): the network's forward passes run under ``torch.autocast`` (``amp_dtype`` bfloat16 or
 float16); their outputs are cast back to float32 before the loss, so the preference log-likelihoods, BCE and Dice
 are computed in float32. float16 needs a CUDA device and a ``GradScaler``; bfloat16 needs no scaler.
@@ -67,6 +71,7 @@ class PromptTrainer(Trainer):
         amp: run the network's forward passes under ``torch.autocast`` (module docstring).
         amp_dtype: ``bfloat16`` (CPU, or a GPU that supports it) or ``float16`` (CUDA, with a ``GradScaler``).
         accumulate_grad_batches: optimiser step every this many batches (gradient accumulation), >= 1.
+        distributed: average gradients over the ranks of the initialised process group (DDP; torchrun).
         the rest: as :class:`monai.engines.Trainer`.
     """
 
@@ -90,6 +95,7 @@ class PromptTrainer(Trainer):
         amp: bool = False,
         amp_dtype: str = "bfloat16",
         accumulate_grad_batches: int = 1,
+        distributed: bool = False,
     ) -> None:
         check_amp(device, amp, amp_dtype)
         if isinstance(accumulate_grad_batches, bool) or not isinstance(accumulate_grad_batches, int) \
@@ -116,16 +122,19 @@ class PromptTrainer(Trainer):
         self.amp, self.amp_dtype = bool(amp), AMP_DTYPES[amp_dtype]
         self.accumulate_grad_batches = accumulate_grad_batches
         self.scaler = torch.amp.GradScaler("cuda") if self.amp and self.amp_dtype == torch.float16 else None
+        self.ddp = _ddp(network, device) if distributed else None
         self._epoch_start = 0  # state.iteration before the current epoch's first batch (epochs may differ in length)
         self.add_event_handler(Events.EPOCH_STARTED, lambda e: setattr(e, "_epoch_start", e.state.iteration))
 
-    def forward_amp(self, fn: Callable, *args, **kwargs) -> Any:
-        """``fn(*args, **kwargs)`` (network forward passes) under autocast when ``amp`` is on; floating-point tensors
-        in the result (tensors, tuples and lists of them) come back as float32 for the loss."""
+    def network_pass(self, fn: Callable, *args, **kwargs) -> Any:
+        """``fn(network, *args, **kwargs)``: the iteration's network passes, through DDP's forward when
+        ``distributed`` and under autocast when ``amp`` is on (floating-point tensors in the result, alone or in
+        tuples and lists, come back as float32 for the loss)."""
+        call = self.ddp if self.ddp is not None else (lambda f, *a, **k: f(self.network, *a, **k))
         if not self.amp:
-            return fn(*args, **kwargs)
+            return call(fn, *args, **kwargs)
         with torch.autocast(torch.device(self.state.device).type, dtype=self.amp_dtype):
-            out = fn(*args, **kwargs)
+            out = call(fn, *args, **kwargs)
         return _to_float32(out)
 
     def accumulation_group(self) -> tuple[bool, bool, int]:
@@ -190,6 +199,31 @@ def check_amp(device: str | torch.device, amp: bool, amp_dtype: str) -> None:
                          "use amp_dtype float16")
 
 
+class _NetworkPass(torch.nn.Module):
+    """``fn(network, *args)`` as a module's forward: what :class:`~torch.nn.parallel.DistributedDataParallel` wraps."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, fn: Callable, *args, **kwargs) -> Any:
+        return fn(self.network, *args, **kwargs)
+
+
+def _ddp(network: torch.nn.Module, device) -> torch.nn.parallel.DistributedDataParallel:
+    """DDP around ``network`` (rank 0's weights are broadcast to every rank here). ``find_unused_parameters``: SAM's
+    prompt encoder has trainable parts a point-prompt step never uses (box corners, mask input)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("distributed: true needs an initialised process group: run under torchrun with "
+                           "configs/multi_gpu_train.yaml (README: 'Several GPUs')")
+    device = torch.device(device)
+    ids = [device] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(_NetworkPass(network), device_ids=ids,
+                                                     find_unused_parameters=True)
+
+
 def _to_float32(out: Any) -> Any:
     if isinstance(out, torch.Tensor):
         return out.float() if out.is_floating_point() else out
@@ -216,8 +250,7 @@ class SAMPOTrainer(PromptTrainer):
 
     def compute_loss(self, images, targets, points, labels):
         size = tuple(targets.shape[-2:])
-        low, iou_pred, ref_low = self.forward_amp(decode_actor_and_reference, self.network, images, points, labels,
-                                                  size)
+        low, iou_pred, ref_low = self.network_pass(decode_actor_and_reference, images, points, labels, size)
         logits, ref_logits = upsample(low, size), upsample(ref_low, size)
         out = self.loss_function(logits, ref_logits, targets[:, 0], iou_pred)
         out.pop("iou", None)

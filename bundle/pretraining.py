@@ -154,8 +154,7 @@ class SingleObjectTrainer(PromptTrainer):
         self.loss_size = None if loss_size is None else int(loss_size)
 
     def compute_loss(self, images, targets, points, labels):
-        rounds = self.forward_amp(interactive_rounds, self.network, images, targets, points, labels,
-                                  self.correction_rounds)
+        rounds = self.network_pass(interactive_rounds, images, targets, points, labels, self.correction_rounds)
         size = tuple(targets.shape[-2:]) if self.loss_size is None else (self.loss_size, self.loss_size)
         goal = targets if size == tuple(targets.shape[-2:]) else F.interpolate(targets, size=size, mode="area")
         terms = [self.loss_function(upsample(low, size), goal, iou) for low, iou in rounds]

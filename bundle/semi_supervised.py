@@ -64,8 +64,7 @@ class SemiSupervisedTrainer(SingleObjectTrainer):
     def align(self, images, targets, points, labels):
         """Stage 2 on one batch: (the items' actor logits (B, N, H, W), loss terms)."""
         size = tuple(targets.shape[-2:])
-        low, iou_pred, ref_low = self.forward_amp(decode_actor_and_reference, self.network, images, points, labels,
-                                                  size)
+        low, iou_pred, ref_low = self.network_pass(decode_actor_and_reference, images, points, labels, size)
         chosen = iou_pred.detach()
         logits = upsample(best_slot(low, chosen), size)
         ref_logits = upsample(best_slot(ref_low, chosen), size)

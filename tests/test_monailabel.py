@@ -46,7 +46,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("monailabel")
     studies = root / "studies"
     studies.mkdir()
-    for i in range(3):
+    for i in range(4):
         img = (np.random.default_rng(i).random((48, 64, 3)) * 255).astype(np.uint8)
         Image.fromarray(img).save(studies / f"img{i}.png")
     torch.manual_seed(0)
@@ -64,7 +64,10 @@ def server(tmp_path_factory):
         cfg.update({"model_size": "tiny", "image_size": SIZE, "batch_size": 2, "n_prompt_sets": 2, "max_epochs": 1,
                     "synthetic": {"n_train": 2, "n_val": 1, "n_test": 1}})
         ConfigParser.export_config_file(cfg, str(train_yaml), fmt="yaml", sort_keys=False)
-    env = dict(os.environ, MONAI_LABEL_TASKS_TRAIN="true", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
+    env = dict(os.environ, MONAI_LABEL_TASKS_TRAIN="true", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true",
+               GLOO_SOCKET_IFNAME="lo")
+    # MONAI Label starts multi-GPU training with the `torchrun` of its environment (the PATH of an activated venv)
+    env["PATH"] = os.path.dirname(py) + os.pathsep + env.get("PATH", "")
 
     def command(port):
         return [py, "-m", "monailabel.main", "start_server", "--app", str(REPO / "scripts" / "monailabel_app"),
@@ -321,3 +324,30 @@ def test_training_starts_on_datastore_labels(server, tmp_path):
     assert steps == (1,)
     # still serving after training
     assert infer(server, {"foreground": [[10, 20]]}).status_code == 200
+
+
+def test_multi_gpu_training_runs_the_bundle_overlay_under_torchrun(server, tmp_path):
+    """MONAI Label's bundle train task finds configs/multi_gpu_train.yaml and runs it under torchrun (forced here with
+    two GPU ids on a CPU machine, where the overlay picks gloo): two ranks train, rank 0 writes the run."""
+    import requests
+
+    if not (server["model_dir"] / "configs" / "multi_gpu_train.yaml").exists():
+        pytest.skip("configs/multi_gpu_train.yaml not in the bundle yet")
+    for i in range(4):  # 2 training and 2 validation images: one of each per rank
+        mask = np.zeros((48, 64), np.uint8)
+        mask[8 + 2 * i:22, 12:30 + 4 * i] = 1
+        Image.fromarray(mask).save(tmp_path / f"lab{i}.png")
+        with open(tmp_path / f"lab{i}.png", "rb") as f:
+            r = requests.put(f"{server['url']}/datastore/label", params={"image": f"img{i}", "tag": "final"},
+                             files={"label": f}, timeout=60)
+        assert r.status_code == 200, r.text
+    log = server["root"] / "server.log"
+    start = len(log.read_text(encoding="utf-8"))
+    before = set((server["model_dir"] / "monailabel_train").glob("train_*"))
+    r = _train(server, max_epochs=1, val_split=0.5, force_multi_gpu=True, gpus="0,1")
+    text = log.read_text(encoding="utf-8")[start:]
+    assert r.status_code == 200, (r.text, text[-3000:])
+    assert "torchrun" in text and "multi_gpu_train.yaml" in text, text[-3000:]
+    assert "rank 0 of 2 on cpu (gloo)" in text and "rank 1 of 2 on cpu (gloo)" in text, text[-3000:]
+    (run,) = set((server["model_dir"] / "monailabel_train").glob("train_*")) - before
+    assert (run / "models" / "checkpoint_epoch=1.pt").is_file() and (run / "models" / "model.pt").is_file()

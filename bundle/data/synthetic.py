@@ -118,7 +118,14 @@ def make_dataset(out_dir: str, n_train: int = 48, n_val: int = 12, n_test: int =
 
 
 def ensure_dataset(out_dir: str, n_train: int = 48, n_val: int = 12, n_test: int = 12, size: int = 256, seed: int = 0):
-    """Path of the synthetic datalist in ``out_dir``, generating it first unless an identical one is there."""
+    """Path of the synthetic datalist in ``out_dir``, generating it first unless an identical one is there (in a
+    distributed run rank 0 generates it while the other ranks wait, then they read it)."""
+    from bundle.distributed import rank_zero_first
+
+    return rank_zero_first(_ensure_dataset, out_dir, n_train, n_val, n_test, size, seed)
+
+
+def _ensure_dataset(out_dir: str, n_train: int, n_val: int, n_test: int, size: int, seed: int):
     path = os.path.join(out_dir, "datalist.json")
     wanted = {"version": VERSION, "seed": seed, "size": size, "training": n_train, "validation": n_val, "test": n_test}
     if os.path.isfile(path):

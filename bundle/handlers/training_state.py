@@ -72,6 +72,7 @@ class TrainingState:
         sam_checkpoint, seed: the base the network was built from (named in the checkpoint).
         validator, best_saver: the validation engine and its best-model ``CheckpointSaver``.
         save_interval: epochs between saves.
+        save: False to only resume (the ranks other than 0 of a distributed run: rank 0 writes the state).
     """
 
     def __init__(
@@ -86,8 +87,10 @@ class TrainingState:
         validator: Engine | None = None,
         best_saver=None,
         save_interval: int = 1,
+        save: bool = True,
     ) -> None:
         self.ckpt_dir, self.resume_from, self.save_interval = ckpt_dir, resume_from, save_interval
+        self.saves = save
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.objects = {"base": BaseModel(network, sam_checkpoint, seed), "network": TrainedWeights(network),
                         "optimizer": optimizer}
@@ -107,7 +110,7 @@ class TrainingState:
         if self.resume_from:
             self.load(engine)
         engine.state.first_epoch = engine.state.epoch + 1
-        if not engine.has_event_handler(self.save):  # last of the end-of-epoch handlers
+        if self.saves and not engine.has_event_handler(self.save):  # last of the end-of-epoch handlers
             engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
 
     def load(self, engine: Engine) -> None:
