@@ -72,8 +72,10 @@ results: $(STAMP) data/consep/datalist.json
 		--output docs/results/testbed_f10.md
 	$(PY) scripts/run_experiments.py --set ablation_terms --task consep_t1 consep_t2 --train_fraction 10 \
 		--seeds $(SEEDS_ABLATION) $(TESTBED) --no_sensitivity --output docs/results/testbed_ablation_f10.md
-	$(PY) scripts/run_experiments.py --set beta --configs beta_0.1 sampo beta_10 --task consep_t1 --train_fraction 10 \
-		--seeds $(SEEDS_ABLATION) $(TESTBED) --no_sensitivity --output docs/results/testbed_beta_f10.md
+	$(PY) scripts/run_experiments.py --set beta --configs beta_0.01 beta_0.1 sampo beta_10 beta_100 --task consep_t1 \
+		--train_fraction 10 --seeds 0 $(TESTBED) --no_sensitivity --output docs/results/testbed_beta_f10.md
+	$(PY) scripts/run_experiments.py --set beta --configs supervised beta_0.01 beta_0.1 sampo --task consep_t1 consep_t2 \
+		--train_fraction 10 --seeds $(SEEDS_ABLATION) $(TESTBED) --no_sensitivity --output docs/results/testbed_beta_f10_3seeds.md
 	$(PY) scripts/run_experiments.py --set main --task consep_t1 consep_t2 --train_fraction 100 --seeds $(SEEDS_FULL) \
 		$(TESTBED) --output docs/results/testbed_f100.md
 	$(PY) scripts/run_experiments.py --set va --task consep_t1 consep_t2 --seeds $(SEEDS_ABLATION) $(TESTBED) \
