@@ -238,6 +238,18 @@ def test_a_replaced_model_is_served_without_restart(server, tmp_path):
     assert np.array_equal(served_mask(server, clicks), before)
 
 
+def _save_final_labels(server, folder, masks) -> None:
+    """Save ``masks[i]`` as the final label of image ``img{i}`` through the datastore API."""
+    import requests
+
+    for i, mask in enumerate(masks):
+        Image.fromarray(mask).save(folder / f"lab{i}.png")
+        with open(folder / f"lab{i}.png", "rb") as f:
+            r = requests.put(f"{server['url']}/datastore/label", params={"image": f"img{i}", "tag": "final"},
+                             files={"label": f}, timeout=60)
+        assert r.status_code == 200, r.text
+
+
 def _train(server, **params):
     import requests
 
@@ -274,19 +286,15 @@ def test_unknown_model_or_image_is_404_and_the_server_lives_on(server):
 
 
 def test_training_starts_on_datastore_labels(server, tmp_path):
-    import requests
-
     if not (server["model_dir"] / "configs" / "train.yaml").exists():
         pytest.skip("configs/train.yaml not in the bundle yet")
+    masks = []
     for i in range(3):
         mask = np.zeros((48, 64), np.uint8)
         mask[10:20, 10 + 5 * i : 25 + 5 * i] = 1
         mask[30:40, 40:50] = 1
-        Image.fromarray(mask).save(tmp_path / f"lab{i}.png")
-        with open(tmp_path / f"lab{i}.png", "rb") as f:
-            r = requests.put(f"{server['url']}/datastore/label", params={"image": f"img{i}", "tag": "final"},
-                             files={"label": f}, timeout=60)
-        assert r.status_code == 200, r.text
+        masks.append(mask)
+    _save_final_labels(server, tmp_path, masks)
     models = server["model_dir"] / "models"
     before = {p.name: p.read_bytes() for p in models.iterdir()}
     clicks = {"foreground": [[10, 20], [50, 30]], "background": [[5, 5]]}
@@ -329,18 +337,12 @@ def test_training_starts_on_datastore_labels(server, tmp_path):
 def test_multi_gpu_training_runs_the_bundle_overlay_under_torchrun(server, tmp_path):
     """MONAI Label's bundle train task finds configs/multi_gpu_train.yaml and runs it under torchrun (forced here with
     two GPU ids on a CPU machine, where the overlay picks gloo): two ranks train, rank 0 writes the run."""
-    import requests
-
     if not (server["model_dir"] / "configs" / "multi_gpu_train.yaml").exists():
         pytest.skip("configs/multi_gpu_train.yaml not in the bundle yet")
-    for i in range(4):  # 2 training and 2 validation images: one of each per rank
-        mask = np.zeros((48, 64), np.uint8)
+    masks = [np.zeros((48, 64), np.uint8) for _ in range(4)]  # 2 training and 2 validation images: 1 of each per rank
+    for i, mask in enumerate(masks):
         mask[8 + 2 * i:22, 12:30 + 4 * i] = 1
-        Image.fromarray(mask).save(tmp_path / f"lab{i}.png")
-        with open(tmp_path / f"lab{i}.png", "rb") as f:
-            r = requests.put(f"{server['url']}/datastore/label", params={"image": f"img{i}", "tag": "final"},
-                             files={"label": f}, timeout=60)
-        assert r.status_code == 200, r.text
+    _save_final_labels(server, tmp_path, masks)
     log = server["root"] / "server.log"
     start = len(log.read_text(encoding="utf-8"))
     before = set((server["model_dir"] / "monailabel_train").glob("train_*"))
