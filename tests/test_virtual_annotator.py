@@ -207,9 +207,9 @@ def test_run_experiments_evaluates_the_final_state_of_both_stages(tmp_path):
     import sys
 
     cmd = [sys.executable, str(REPO / "scripts" / "run_experiments.py"), "--set", "va", "--bundle_root_base",
-           str(tmp_path), "--max_epochs", "3", "--dry_run"]
+           str(tmp_path), "--max_epochs", "3", "--train_fraction", "10", "--dry_run"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=True, encoding="utf-8").stdout
-    for row, epoch in (("f10/va_supervised_10", 3), ("f10/va_aligned_10", 9), ("f10/va_sampo_10", 3),
+    for row, epoch in (("f10/va_supervised_10", 3), ("f10/va_aligned_10", 9), ("f10/sampo", 3),
                        ("f100/va_supervised_100", 3)):
         assert f"{row}/seed0/models/checkpoint_epoch={epoch}.pt" in out, (row, out[-2000:])
     assert "configs/semi_supervised.yaml" in out
