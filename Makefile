@@ -81,6 +81,8 @@ results: $(STAMP) data/consep/datalist.json
 		--train_fraction 10 --seeds $(SEEDS_ABLATION) $(TESTBED) --no_sensitivity --output docs/results/testbed_beta_f10_3seeds.md
 	$(PY) scripts/run_experiments.py --set beta --configs beta_0.01 sampo beta_1 beta_10 beta_100 --task consep_t1 \
 		--train_fraction 10 --seeds 0 $(TESTBED) --no_sensitivity --output docs/results/testbed_beta_f10.md
+	$(PY) scripts/run_experiments.py --set prompt_sets --task consep_t1 --train_fraction 10 --seeds $(SEEDS_ABLATION) \
+		$(TESTBED) --no_sensitivity --output docs/results/testbed_prompt_sets_f10.md
 
 # An official SAM checkpoint listed in large_files.yml (the only command that downloads anything).
 MODEL ?= vit_b

@@ -39,6 +39,7 @@ SETS = {
     "main": (["zero_shot", "supervised", "sampo"], None),
     "testbed": (["zero_shot", "supervised", "sampo"], ["fraction_10", "fraction_100"]),
     "ablation_terms": (["supervised", "po1_sup", "po2_sup", "po1_po2", "sampo"], None),
+    "prompt_sets": (["supervised", "sampo", "supervised_n8", "sampo_n8"], None),
     "lambda_dw": (["lambda_dw_0.1", "lambda_dw_0.5", "lambda_dw_1", "lambda_dw_2"], None),
     "lora_rank": (["lora_rank_4", "lora_rank_8", "lora_rank_32", "lora_rank_64"], None),
     "beta": (["beta_0.01", "beta_0.1", "beta_1", "beta_10", "beta_100"], None),
