@@ -50,7 +50,8 @@ from bundle.networks.decoding import best_slot, upsample
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 LOGGED_TERMS = ("loss", "po1", "po2", "sup", "iou_head", "reward_margin", "preference_accuracy", "pairs", "focal",
-                "dice_loss", "chosen_logratio", "rejected_logratio", "preferences", "stage")
+                "dice_loss", "chosen_logratio", "rejected_logratio", "preferences", "stage", "human_pairs", "human_dpo",
+                "human_sup", "human_reward_margin")
 
 
 class PromptTrainer(Trainer):
@@ -232,13 +233,25 @@ def _to_float32(out: Any) -> Any:
     return out
 
 
-def decode_actor_and_reference(net, images, points, labels, size):
+def decode_actor_and_reference(net, images, points, labels, size, extra=None):
     """The prompt sets decoded by the actor and by pi_ref (adapters off, no gradients), each encoding the images
-    once: (actor low-res logits (B, N, M, h, w), actor predicted IoU (B, N, M), reference low-res logits)."""
-    low, iou_pred = net.decode(net.encode(images), points, labels, input_size=size)
+    once: (actor low-res logits (B, N, M, h, w), actor predicted IoU (B, N, M), reference low-res logits).
+
+    ``extra`` = (index (T,), points (T, 1, P', 2), labels (T, 1, P')): one more prompt set for the images ``index``
+    (the human preference pairs of :mod:`bundle.human_pairs`), decoded from the same encodings; a fourth element
+    (its actor logits (T, 1, M, h, w), actor IoUs (T, 1, M), reference logits) is then returned. The N prompt sets
+    are decoded exactly as without it."""
+    emb = net.encode(images)
+    low, iou_pred = net.decode(emb, points, labels, input_size=size)
     with net.reference():
-        ref_low, _ = net.decode(net.encode(images), points, labels, input_size=size)
-    return low, iou_pred, ref_low
+        ref_emb = net.encode(images)
+        ref_low, _ = net.decode(ref_emb, points, labels, input_size=size)
+        if extra is not None:
+            ref_extra, _ = net.decode(ref_emb[extra[0]], extra[1], extra[2], input_size=size)
+    if extra is None:
+        return low, iou_pred, ref_low
+    extra_low, extra_iou = net.decode(emb[extra[0]], extra[1], extra[2], input_size=size)
+    return low, iou_pred, ref_low, (extra_low, extra_iou, ref_extra)
 
 
 class SAMPOTrainer(PromptTrainer):
@@ -246,14 +259,37 @@ class SAMPOTrainer(PromptTrainer):
 
     Arguments as :class:`PromptTrainer`; ``label`` is G (B, 1, H, W), ``points`` / ``point_labels`` the N prompt
     sets of :class:`bundle.transforms.prompts.PromptSetsd`, ``loss_function`` a :class:`bundle.preference.SAMPOLoss`.
+
+    Args:
+        human_loss: a :class:`bundle.human_pairs.HumanPairLoss`: the batch's human preference pairs (items with
+            :class:`bundle.human_pairs.HumanPaird`'s keys and ``human_pair`` 1) add its term to the loss, their
+            prompt decoded as one more prompt set of the same encodings; ``None`` (default): SAMPO alone.
     """
+
+    def __init__(self, *args, human_loss: torch.nn.Module | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.human_loss = human_loss
 
     def compute_loss(self, images, targets, points, labels):
         size = tuple(targets.shape[-2:])
-        low, iou_pred, ref_low = self.network_pass(decode_actor_and_reference, images, points, labels, size)
+        human = None if self.human_loss is None else self.human_loss.prompts(self.state.batch, images.device)
+        if human is None:
+            low, iou_pred, ref_low = self.network_pass(decode_actor_and_reference, images, points, labels, size)
+        else:
+            low, iou_pred, ref_low, extra = self.network_pass(decode_actor_and_reference, images, points, labels,
+                                                              size, human.prompt)
         logits, ref_logits = upsample(low, size), upsample(ref_low, size)
         out = self.loss_function(logits, ref_logits, targets[:, 0], iou_pred)
         out.pop("iou", None)
+        if self.human_loss is not None:
+            if human is None:
+                terms = self.human_loss.empty(logits)
+            else:
+                h_low, h_iou, h_ref = extra
+                terms = self.human_loss(upsample(h_low[:, 0], size), upsample(h_ref[:, 0], size), h_iou[:, 0],
+                                        targets[human.index, 0], human.loser)
+            out["loss"] = out["loss"] + terms.pop("loss")
+            out.update(terms)
         # training metrics over every prompt set: channel k = the best predicted-IoU mask of prompt set k
         preds = best_slot(logits, iou_pred)
         return preds, targets.expand_as(preds), out

@@ -186,10 +186,7 @@ class PromptImaged(MapTransform):
         s = self.image_size
         resized = F.interpolate(torch.from_numpy(np.ascontiguousarray(image))[None], size=(s, s), mode="bilinear",
                                 align_corners=False)[0]
-        xy = torch.tensor(points, dtype=torch.float32).view(1, -1, 2)
-        xy = torch.minimum((xy + 0.5) * torch.tensor([s / w, s / h]) - 0.5, torch.tensor(s - 1.0)).clamp_min(0)
-        labels = torch.tensor([1] * n_fg + [0] * (len(clicks) - n_fg)).view(1, -1)
-        return torch.cat([resized, points_to_guidance(xy, labels, (s, s))[0]], dim=0).float()
+        return torch.cat([resized, click_channels(points, n_fg, (h, w), s)], dim=0).float()
 
     def _checked_array(self, img: Any, name: str) -> np.ndarray:
         arr = np.asarray(img.detach().cpu() if isinstance(img, torch.Tensor) else img)
@@ -226,6 +223,20 @@ class PromptImaged(MapTransform):
             meta.update({META_KIND: "2d" if k < 0 else "volume", META_SLICE: int(k)})
             d[key] = MetaTensor(self._network_input(image, fg + bg, points, len(fg), name), meta=meta)
         return d
+
+
+def click_channels(points: Sequence[Sequence[float]], n_fg: int, size: tuple[int, int],
+                   image_size: int) -> torch.Tensor:
+    """(x, y) clicks on an image of ``size`` (H, W), the first ``n_fg`` foreground -> the network's (2, S, S) click
+    channels at ``image_size`` S: each click scaled with the image (pixel centres kept) onto its nearest pixel. The
+    one mapping of served clicks; training on MONAI Label's human preference pairs (:mod:`bundle.human_pairs`) uses
+    it too, so that a pair is trained under the prompt the network answered."""
+    h, w = size
+    s = int(image_size)
+    xy = torch.tensor(points, dtype=torch.float32).view(1, -1, 2)
+    xy = torch.minimum((xy + 0.5) * torch.tensor([s / w, s / h]) - 0.5, torch.tensor(s - 1.0)).clamp_min(0)
+    labels = torch.tensor([1] * n_fg + [0] * (len(points) - n_fg)).view(1, -1)
+    return points_to_guidance(xy, labels, (s, s))[0]
 
 
 class PromptInferer(Inferer):

@@ -4,12 +4,15 @@ MONAI Label saves a label per image as a mask (0 background, label index inside)
 data contract's (2, H, W) [instance map, class map] labels (docs/DATA_CONTRACT.md). :class:`MaskToLabelMapsd`
 turns a mask into that: instances are the connected components of the mask, the class is the mask's value
 (255, as PNG viewers write it, counts as class 1). :func:`datastore_label_loader` rewrites a training config's
-``load`` list to read datastore masks that way (used by ``scripts/monailabel_app``).
+``load`` list to read datastore masks that way, and :func:`check_mask_upload` refuses a mask that is not an image
+of its image's size before it is saved (both used by ``scripts/monailabel_app``).
 """
 
 from __future__ import annotations
 
 import copy
+import io
+import os
 
 import numpy as np
 import torch
@@ -61,3 +64,31 @@ def datastore_label_loader(load: list) -> list:
         else:
             out.append(t)
     return out
+
+
+MASK_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")  # 2D images whose masks are checked here
+
+
+def check_mask_upload(data: bytes, image_path: str, name: str = "label", image_id: str = "") -> tuple[int, int]:
+    """Check an uploaded mask (the file's bytes) against its 2D image before it is saved: it must be an image of the
+    image's width and height. Returns (height, width); ``ValueError`` naming both files and sizes otherwise."""
+    from PIL import Image, UnidentifiedImageError
+
+    what = f"image '{image_id}' ({image_path})" if image_id else f"image {image_path}"
+    with Image.open(image_path) as im:
+        w, h = im.size
+    try:
+        with Image.open(io.BytesIO(data)) as mask:
+            mw, mh = mask.size
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"label {name} for {what} is not a readable image ({type(e).__name__}: {e}); save the mask "
+                         f"as a PNG of the image's size ({w} x {h}, 0 background)") from None
+    if (mw, mh) != (w, h):
+        raise ValueError(f"label {name} has size {mw} x {mh} (width x height) but {what} has size {w} x {h}: a label "
+                         "must have its image's size; nothing was saved (the image's previous label, if any, is kept)")
+    return h, w
+
+
+def is_2d_image(path: str) -> bool:
+    """Whether ``path`` is a 2D image file whose labels :func:`check_mask_upload` checks."""
+    return os.path.isfile(path) and path.lower().endswith(MASK_IMAGE_SUFFIXES)

@@ -16,6 +16,12 @@ Two applications:
 operator hands its outputs on as 3D volumes. Usage::
 
     python scripts/deploy_app.py -i INPUT_DIR -o OUTPUT_DIR -m models/model.ts [--app dicom|file]
+    python scripts/deploy_app.py -i INPUT_DIR -o OUTPUT_DIR -m models:/<name>/<version> [--tracking_uri URI]
+
+``-m models:/<name>/<version>`` (also ``latest`` or ``models:/<name>@<alias>``) serves a version of the MLflow model
+registry: its bundle is downloaded with MLflow's client (bundle/registry.py) into a temporary folder, or into
+``--registry_dir DIR`` to keep it, and its ``models/model.ts`` is run; the registry is ``--tracking_uri`` or
+$MLFLOW_TRACKING_URI. A name or version the registry lacks stops the app with an error naming it.
 
 INPUT_DIR holds the image (DICOM files or one .nii/.nii.gz) and clicks.json:
 ``{"foreground": [[x, y], ...], "background": [[x, y], ...], "slice_index": k}`` (see bundle/inference.py for the
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -208,19 +215,53 @@ class SAMPODicomApp(Application):
 APPS = {"file": SAMPOFileApp, "dicom": SAMPODicomApp}
 
 
+def _pop_option(argv: list, *names: str, default=None):
+    """The value of the first of ``names`` in ``argv`` (removed from it with its value), else ``default``."""
+    for name in names:
+        if name in argv:
+            i = argv.index(name)
+            if i + 1 >= len(argv):
+                raise SystemExit(f"{name} needs a value")
+            value = argv[i + 1]
+            del argv[i : i + 2]
+            return value
+    return default
+
+
+def registry_model(uri: str, folder: str, tracking_uri: str | None) -> str:
+    """``models:/...`` -> the ``models/model.ts`` of that registry version, downloaded into ``folder``."""
+    from bundle.registry import RegistryError, fetch_bundle
+
+    try:
+        bundle = fetch_bundle(uri, folder, tracking_uri)
+    except RegistryError as e:
+        raise SystemExit(f"deploy_app -m: {e}") from None
+    model = Path(bundle) / "models" / "model.ts"
+    if not model.is_file():
+        raise SystemExit(f"deploy_app: -m {uri}: the registered bundle {bundle} has no models/model.ts")
+    return str(model)
+
+
 def main(argv=None) -> None:
+    import tempfile
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    kind = "file"
-    if "--app" in argv:
-        i = argv.index("--app")
-        kind = argv[i + 1]
-        del argv[i : i + 2]
+    kind = _pop_option(argv, "--app", default="file")
     if kind not in APPS:
         raise SystemExit(f"--app must be one of {sorted(APPS)}")
+    tracking_uri = _pop_option(argv, "--tracking_uri", "--tracking-uri")
+    registry_dir = _pop_option(argv, "--registry_dir", "--registry-dir")
     if "-h" in argv or "--help" in argv:
         print(__doc__)
-    sys.argv = [sys.argv[0], *argv]
-    APPS[kind](do_run=True)
+    with tempfile.TemporaryDirectory(prefix="sampo-registry-") as tmp:
+        for flag in ("-m", "--model"):
+            if flag in argv and argv.index(flag) + 1 < len(argv) and argv[argv.index(flag) + 1].startswith("models:/"):
+                i = argv.index(flag) + 1
+                argv[i] = registry_model(argv[i], registry_dir or tmp,
+                                         tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+                logging.info("serving %s", argv[i])
+        sys.argv = [sys.argv[0], *argv]
+        APPS[kind](do_run=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ MONAI Label 0.8.5 pins numpy 1.26 / jsonschema 3.2 / pydicom 2, so it lives in i
 from there and skips when it is absent.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -37,25 +38,13 @@ def label_python() -> str:
     )
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    py = label_python()
+def write_tiny_bundle(model_dir, seed=0):
+    """A MONAI Label model folder: a copy of the bundle with a tiny SAM, its train config set to train briefly."""
     from bundle.checkpoints import build_network
     from bundle.export import write_bundle
 
-    root = tmp_path_factory.mktemp("monailabel")
-    studies = root / "studies"
-    studies.mkdir()
-    for i in range(4):
-        img = (np.random.default_rng(i).random((48, 64, 3)) * 255).astype(np.uint8)
-        Image.fromarray(img).save(studies / f"img{i}.png")
-    torch.manual_seed(0)
-    model_dir = root / "sampo_model"  # a MONAI Label model folder: a copy of the bundle with a tiny SAM
+    torch.manual_seed(seed)
     write_bundle(build_network("tiny", SIZE, lora_rank=0), model_dir, REPO, verify=False)
-    # training files beside the export, as a command-line run leaves them: not loadable by the inference network
-    lora_state = build_network("tiny", SIZE, lora_rank=4).state_dict()
-    torch.save(lora_state, model_dir / "models" / "best_model.pt")
-    torch.save({"network": lora_state}, model_dir / "models" / "checkpoint_epoch=1.pt")
     train_yaml = model_dir / "configs" / "train.yaml"
     if train_yaml.exists():
         from monai.bundle import ConfigParser
@@ -64,17 +53,51 @@ def server(tmp_path_factory):
         cfg.update({"model_size": "tiny", "image_size": SIZE, "batch_size": 2, "n_prompt_sets": 2, "max_epochs": 1,
                     "synthetic": {"n_train": 2, "n_val": 1, "n_test": 1}})
         ConfigParser.export_config_file(cfg, str(train_yaml), fmt="yaml", sort_keys=False)
+    return model_dir
+
+
+def write_studies(studies, n=4):
+    studies.mkdir(exist_ok=True)
+    for i in range(n):
+        img = (np.random.default_rng(i).random((48, 64, 3)) * 255).astype(np.uint8)
+        Image.fromarray(img).save(studies / f"img{i}.png")
+    return studies
+
+
+@contextlib.contextmanager
+def monailabel_server(root, studies, bundle, conf=(), env=None, timeout=180):
+    """A real MONAI Label server of scripts/monailabel_app on 127.0.0.1 serving ``bundle`` (a folder or a
+    ``models:/`` reference) on ``studies``; ``conf``: more ``--conf`` pairs. Yields the fixture dict."""
+    py = label_python()
     env = dict(os.environ, MONAI_LABEL_TASKS_TRAIN="true", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true",
-               GLOO_SOCKET_IFNAME="lo")
+               GLOO_SOCKET_IFNAME="lo", **(env or {}))
     # MONAI Label starts multi-GPU training with the `torchrun` of its environment (the PATH of an activated venv)
     env["PATH"] = os.path.dirname(py) + os.pathsep + env.get("PATH", "")
 
     def command(port):
+        extra = [a for k, v in conf for a in ("--conf", k, str(v))]
         return [py, "-m", "monailabel.main", "start_server", "--app", str(REPO / "scripts" / "monailabel_app"),
-                "--studies", str(studies), "--conf", "bundle", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
+                "--studies", str(studies), "--conf", "bundle", str(bundle), *extra, "--host", "127.0.0.1",
+                "--port", str(port)]
 
-    with serve("MONAI Label", command, "/info/", root / "server.log", root, env, timeout=180) as (url, proc):
-        yield {"url": url, "root": root, "studies": studies, "model_dir": model_dir, "proc": proc}
+    with serve("MONAI Label", command, "/info/", root / "server.log", root, env, timeout=timeout) as (url, proc):
+        yield {"url": url, "root": root, "studies": studies, "model_dir": bundle, "proc": proc}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    label_python()  # skip before building anything when MONAI Label is absent
+    root = tmp_path_factory.mktemp("monailabel")
+    studies = write_studies(root / "studies")
+    model_dir = write_tiny_bundle(root / "sampo_model")
+    # training files beside the export, as a command-line run leaves them: not loadable by the inference network
+    from bundle.checkpoints import build_network
+
+    lora_state = build_network("tiny", SIZE, lora_rank=4).state_dict()
+    torch.save(lora_state, model_dir / "models" / "best_model.pt")
+    torch.save({"network": lora_state}, model_dir / "models" / "checkpoint_epoch=1.pt")
+    with monailabel_server(root, studies, model_dir) as fixture:
+        yield fixture
 
 
 def infer(server, params, image="img0", model="sampo", raw_params=None, output="image"):

@@ -68,8 +68,9 @@ def load_datalist(path: str | os.PathLike, split: str, fraction: int = 100, task
         if split == "training" and fraction not in entry.get("subsets", FRACTIONS):
             continue
         item = dict(entry)
-        for key in ("image", "label"):
-            item[key] = os.path.normpath(os.path.join(base, entry[key]))
+        for key in ("image", "label", "proposal"):  # proposal: optional, a human preference pair (human_pairs.py)
+            if isinstance(entry.get(key), str) and entry[key]:
+                item[key] = os.path.normpath(os.path.join(base, entry[key]))
         item.setdefault("name", os.path.splitext(os.path.basename(entry["image"]))[0])
         items.append(item)
     if split == "training" and not items:

@@ -8,6 +8,7 @@
 * :class:`StartMessage`: say "Engine run starting at epoch E of M" instead of Ignite's "resuming from iteration 0".
 * :class:`SaveSAMCheckpoint`: write the network's SAM weights in the official key layout (pretraining).
 * :class:`ExportBundle`: export ``model.pt`` / ``model.ts`` at the end of training and log them to MLflow.
+* :class:`RegisterBundle`: register that exported bundle in the MLflow model registry (``registered_model_name``).
 * :class:`EvaluationReport`: one row per evaluated item, then CSV, summary JSON, sensitivity grid, MLflow run.
 
 They report through :mod:`logging` (``configs/logging.conf`` sends INFO to stdout).
@@ -16,10 +17,11 @@ They report through :mod:`logging` (``configs/logging.conf`` sends INFO to stdou
 from .evaluation_report import EvaluationReport
 from .export_bundle import ExportBundle
 from .non_finite_guard import NonFiniteGuard
+from .register_bundle import RegisterBundle
 from .run_summary import RunSummary
 from .save_sam_checkpoint import SaveSAMCheckpoint
 from .start_message import StartMessage
 from .training_state import TrainingState
 
-__all__ = ["EvaluationReport", "ExportBundle", "NonFiniteGuard", "RunSummary", "SaveSAMCheckpoint", "StartMessage",
-           "TrainingState"]
+__all__ = ["EvaluationReport", "ExportBundle", "NonFiniteGuard", "RegisterBundle", "RunSummary", "SaveSAMCheckpoint",
+           "StartMessage", "TrainingState"]

@@ -3,7 +3,11 @@
     monailabel start_server --app scripts/monailabel_app --studies <images folder> \
         --conf bundle <bundle folder> [--conf model_name sampo] [--conf skip_trainers true]
 
-``bundle`` is a bundle folder with configs/ and models/model.pt (scripts/export.py), by default this repository.
+``bundle`` is a bundle folder with configs/ and models/model.pt (scripts/export.py), by default this repository, or
+a version of the MLflow model registry, ``--conf bundle models:/<name>/<version> --conf mlflow_tracking_uri URI``
+(bundle/registry.py): it is downloaded with MLflow's client into ``<registry_dir>/<name>/<version>`` (``--conf
+registry_dir DIR``, default the app's ``model/`` folder) at every start and served from there; a name or version
+the registry does not have stops the server with an error naming it and listing what exists.
 The infer task is MONAI Label's ``BundleInferTask`` of type ``deepgrow``, so clients send foreground / background
 clicks: ``POST /infer/sampo?image=<id>`` with params ``{"foreground": [[x, y], ...], "background": [...]}`` (2D) or
 voxel clicks ``[[i, j, k], ...]`` (3D; all on one slice). Bad requests are answered with HTTP 4xx: 422 for
@@ -21,6 +25,15 @@ command-line run), MLflow in ``<train_dir>/eval/mlflow.db``, the datastore's
 labelled images only (no synthetic set) and the request's ``max_epochs`` (also the LR schedule's length and the
 logged parameter). Nothing to train on (no labelled image, or none left for training after ``val_split``) is
 answered 400, a bad ``max_epochs`` / ``val_split`` 422, each with the reason.
+
+Human preference pairs (bundle/human_pairs.py): every answered click on a datastore image (2D) records the proposed
+mask and its clicks in ``<datastore>/sampo_pairs/``; ``PUT /datastore/label?image=<id>`` (tag final) freezes the
+image's latest proposal as its pair (the answer says ``"human_pair": true``), a label for an image never answered
+is a plain label (``false``). The train task's datalist gives each paired item its ``proposal`` (copied into
+``<run>/human_pairs/``) and ``clicks``, and the training adds their DPO + SUP term (``human_pairs``,
+``lambda_human`` in configs/train.yaml). A label that is not an image of its image's size is answered 422 before
+anything is saved (the previous label and pair are kept). ``--conf registered_model_name NAME`` registers each
+training's export as a new version of NAME in the run's MLflow store.
 
 ``/info`` offers as ``model_filename`` only the files in ``models/`` that load into the inference network (the
 merged ``model.pt``); a training checkpoint (``best_model.pt``, ``checkpoint_epoch=N.pt``: LoRA weights of the
@@ -76,9 +89,10 @@ class SAMPOTrainTask(BundleTrainTask):
         train_dir: where each request's run folder goes (never the bundle's ``models/``).
     """
 
-    def __init__(self, path, conf, train_dir: str):
+    def __init__(self, path, conf, train_dir: str, pair_store=None):
         super().__init__(path, conf)
         self.train_dir = os.path.abspath(train_dir)
+        self.pair_store = pair_store  # bundle.human_pairs.PairStore of the datastore (None: no human pairs)
         self._run = {}
 
     def config(self):
@@ -142,6 +156,19 @@ class SAMPOTrainTask(BundleTrainTask):
                              os.path.join(run_dir, "served_before"))
         return {**(result or {}), "output": run_dir, "served": served}
 
+    def _fetch_datalist(self, request, datastore):
+        """The datastore's labelled images; where the image has a frozen human pair, its ``proposal`` (copied into
+        the run folder) and ``clicks`` (bundle/human_pairs.py)."""
+        items = super()._fetch_datalist(request, datastore)
+        if self.pair_store is None or not _flag(self.bundle_config.get_parsed_content("human_pairs", default=False)):
+            return items
+        from bundle.human_pairs import attach_pairs
+
+        ids = {os.path.realpath(datastore.get_image_uri(i)): i for i in datastore.list_images()}
+        image_ids = [ids.get(os.path.realpath(item["image"]), "") for item in items]
+        return attach_pairs(items, image_ids, self.pair_store,
+                            os.path.join(self._run.get("dir", self.train_dir), "human_pairs"))
+
     def _update_overrides(self, overrides):
         from bundle.labeling import datastore_label_loader
 
@@ -168,11 +195,17 @@ class SAMPOTrainTask(BundleTrainTask):
             # what the run trains on (train#dataset#data holds the items); no synthetic set is generated
             "datalist": f"MONAI Label datastore {getattr(datastore, '_datastore_path', '')}".strip(),
         })  # fmt: skip
+        if self.conf.get("registered_model_name"):  # each training's export a new registry version
+            overrides["registered_model_name"] = self.conf["registered_model_name"]
         return overrides
 
 
 def _first(value):
     return value[0] if isinstance(value, (list, tuple)) and value else value
+
+
+def _flag(value) -> bool:
+    return strtobool(value) if isinstance(value, str) else bool(value)
 
 
 def loadable_models(folder: str, network) -> list[str]:
@@ -238,9 +271,31 @@ def _checked_training(run_model):
     return run
 
 
+def _checked_label_save(save_label):
+    """MONAI Label's ``save_label`` (``PUT /datastore/label``): the mask checked against its image first (404 for an
+    unknown image, 422 for a mask that is not an image of the image's size: nothing is saved), and, for a final
+    label, the image's latest proposal frozen as its human preference pair (bundle/human_pairs.py)."""
+
+    def run(background_tasks, image, params="{}", tag="final", label=None, user=None):
+        from monailabel.interfaces.utils.app import app_instance
+
+        instance = app_instance()
+        sampo = isinstance(instance, SAMPOApp)
+        if sampo:
+            instance.check_label(image, label)
+        res = save_label(background_tasks, image, params, tag, label, user)
+        if sampo and (tag or "final") == "final":
+            res = {**(res or {}), "human_pair": instance.freeze_pair(image)}
+        return res
+
+    run.__wrapped__ = save_label
+    return run
+
+
 def _check_requests() -> None:
-    """Route MONAI Label's infer and train endpoints through the checks above (the endpoints look these functions
-    up in their modules at call time)."""
+    """Route MONAI Label's infer, train and label-save endpoints through the checks above (the endpoints look these
+    functions up in their modules at call time)."""
+    import monailabel.endpoints.datastore as datastore_endpoint
     import monailabel.endpoints.infer as infer_endpoint
     import monailabel.endpoints.train as train_endpoint
 
@@ -248,6 +303,8 @@ def _check_requests() -> None:
         infer_endpoint.run_inference = _checked_inference(infer_endpoint.run_inference)
     if not hasattr(train_endpoint.run_model, "__wrapped__"):
         train_endpoint.run_model = _checked_training(train_endpoint.run_model)
+    if not hasattr(datastore_endpoint.save_label, "__wrapped__"):
+        datastore_endpoint.save_label = _checked_label_save(datastore_endpoint.save_label)
 
 
 def _answer_invalid_json_with_422() -> None:
@@ -268,13 +325,19 @@ def _answer_invalid_json_with_422() -> None:
 
 class SAMPOApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
-        self.sampo_bundle = os.path.abspath(conf.get("bundle") or REPO)
         # the bundle's Python package: this repository's (a bundle copy holds configs and models only); first on the
         # path, so that a folder named "bundle" in the working directory cannot shadow it
-        for root in (REPO, self.sampo_bundle):
-            if os.path.isfile(os.path.join(root, "bundle", "__init__.py")) and root not in sys.path:
-                sys.path.insert(0, root)
+        if REPO not in sys.path:
+            sys.path.insert(0, REPO)
+        self.sampo_bundle = self._bundle_folder(conf.get("bundle") or REPO, app_dir, conf)
+        if os.path.isfile(os.path.join(self.sampo_bundle, "bundle", "__init__.py")) and self.sampo_bundle not in sys.path:
+            sys.path.insert(0, self.sampo_bundle)
         self.model_name = conf.get("model_name", "sampo")
+        self.pair_store = None
+        if not studies.startswith(("http://", "https://")):  # a local datastore: human preference pairs beside it
+            from bundle.human_pairs import STORE_DIR, PairStore
+
+            self.pair_store = PairStore(os.path.join(studies, STORE_DIR))
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -283,6 +346,22 @@ class SAMPOApp(MONAILabelApp):
             description="Segment Anything fine-tuned with SAMPO preference optimisation: clicks -> intended target",
             version="0.1.0",
         )
+
+    @staticmethod
+    def _bundle_folder(bundle: str, app_dir: str, conf) -> str:
+        """``--conf bundle``: a folder, or ``models:/<name>/<version>`` fetched from the MLflow registry into
+        ``<registry_dir>/<name>/<version>`` (bundle/registry.py)."""
+        from bundle.registry import RegistryError, fetch_bundle, is_model_uri
+
+        if not is_model_uri(bundle):
+            return os.path.abspath(bundle)
+        uri = conf.get("mlflow_tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or None
+        root = os.path.abspath(conf.get("registry_dir") or os.path.join(app_dir, "model"))
+        try:
+            return fetch_bundle(bundle, root, uri)
+        except RegistryError as e:
+            logger.error("SAMPO: cannot serve --conf bundle %s: %s", bundle, e)
+            raise
 
     def on_init_complete(self):
         super().on_init_complete()
@@ -301,7 +380,7 @@ class SAMPOApp(MONAILabelApp):
         if strtobool(self.conf.get("skip_trainers", "false")):
             return {}
         train_dir = self.conf.get("train_dir") or os.path.join(self.sampo_bundle, "monailabel_train")
-        task = SAMPOTrainTask(self.sampo_bundle, self.conf, train_dir)
+        task = SAMPOTrainTask(self.sampo_bundle, self.conf, train_dir, self.pair_store)
         return {self.model_name: task} if task.is_valid() else {}
 
     def init_strategies(self) -> Dict[str, Strategy]:
@@ -324,7 +403,9 @@ class SAMPOApp(MONAILabelApp):
             if not (datastore or self.datastore()).get_image_uri(image):
                 raise HTTPException(status_code=404, detail=f"no image '{image}' in the datastore")
         try:
-            return super().infer(request, datastore)
+            result = super().infer(request, datastore)
+            self._record_proposal(request, result, datastore or self.datastore())
+            return result
         except HTTPException:
             raise
         except MONAILabelException as e:
@@ -339,3 +420,65 @@ class SAMPOApp(MONAILabelApp):
             if bad is None:
                 raise
             raise HTTPException(status_code=422, detail=str(bad)) from e
+
+    # -- human preference pairs (bundle/human_pairs.py) ------------------------------------------------------------
+    def _record_proposal(self, request, result, datastore) -> None:
+        """Keep what the model answered to a datastore image's clicks (2D images); never fails the request."""
+        image = request.get("image")
+        path = (result or {}).get("file")
+        if self.pair_store is None or not isinstance(image, str) or os.path.exists(image) or not path:
+            return  # an uploaded file, not a datastore image: nothing to pair a saved label with
+        try:
+            import numpy as np
+            from PIL import Image
+
+            from bundle.clicks import check_click_list
+            from bundle.labeling import is_2d_image
+
+            uri = datastore.get_image_uri(image)
+            if not (is_2d_image(uri) and is_2d_image(path)):
+                return
+            with Image.open(path) as im:
+                mask = np.asarray(im)
+            with Image.open(uri) as im:
+                size = (im.size[1], im.size[0])
+            if mask.shape[:2] != size:
+                logger.warning("SAMPO: answer for %s has size %s, its image %s: not kept as a proposal", image,
+                               mask.shape, size)
+                return
+            model = os.path.join(self.sampo_bundle, "models", _first(request.get("model_filename")) or "model.pt")
+            self.pair_store.record_proposal(
+                image, uri, mask if mask.ndim == 2 else mask[..., 0],
+                check_click_list(request.get("foreground"), "foreground"),
+                check_click_list(request.get("background"), "background"),
+                model=f"{model} (modified {time.ctime(os.path.getmtime(model))})" if os.path.isfile(model) else model)
+        except Exception as e:  # the annotator got the answer; only its pairing is lost
+            logger.warning("SAMPO: the answer for image %s was not kept as a proposal: %s", image, e)
+
+    def check_label(self, image: str, upload) -> None:
+        """``HTTPException`` 404 for an image not in the datastore, 422 for a mask that is not an image of the
+        image's size (bundle/labeling.py); the upload is left readable from its start."""
+        from bundle.labeling import check_mask_upload, is_2d_image
+
+        uri = self.datastore().get_image_uri(image) if image else ""
+        if not uri:
+            raise HTTPException(status_code=404, detail=f"no image '{image}' in the datastore: add it first "
+                                                        "(PUT /datastore/image)")
+        if upload is None or not is_2d_image(uri):
+            return
+        data = upload.file.read()
+        upload.file.seek(0)
+        try:
+            check_mask_upload(data, uri, upload.filename or "upload", image)
+        except ValueError as e:
+            raise HTTPException(status_code=422, detail=str(e)) from e
+
+    def freeze_pair(self, image: str) -> bool:
+        """A final label of ``image`` was saved: freeze its latest proposal as its pair; whether it has one."""
+        if self.pair_store is None:
+            return False
+        try:
+            return self.pair_store.freeze(image, self.datastore().get_image_uri(image)) is not None
+        except Exception as e:  # the label is saved; it trains as a plain label
+            logger.warning("SAMPO: label of %s saved, but its human pair was not stored: %s", image, e)
+            return False
