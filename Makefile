@@ -64,8 +64,9 @@ SEEDS ?= 0 1 2
 SEEDS_FULL ?= $(SEEDS)
 SEEDS_ABLATION ?= $(SEEDS)
 JOBS ?= 2
-TESTBED := --model_size small --image_size 256 --max_epochs 6 --batch_size 4 --learning_rate 0.0001 --val_interval 3 \
-	--datalist data/consep/datalist.json --sensitivity_max_images 30 --threads 1 --jobs $(JOBS) --bundle_root_base $(RUNS)
+TESTBED_RUN := --model_size small --image_size 256 --batch_size 4 --learning_rate 0.0001 --val_interval 3 \
+	--datalist data/consep/datalist.json --sensitivity_max_images 30 --threads 1 --jobs $(JOBS)
+TESTBED := $(TESTBED_RUN) --max_epochs 6 --bundle_root_base $(RUNS)
 results: $(STAMP) data/consep/datalist.json
 	OMP_NUM_THREADS=1 $(PY) -m monai.bundle run evaluating_base --config_file "['configs/train.yaml','configs/pretrain.yaml']" \
 		--base_checkpoint models/sam_small_base.pth --output_dir $(RUNS)/base --num_threads 1
@@ -75,6 +76,9 @@ results: $(STAMP) data/consep/datalist.json
 		$(TESTBED) --output docs/results/testbed_f100.md
 	$(PY) scripts/run_experiments.py --set va --task consep_t1 consep_t2 --train_fraction 10 --seeds $(SEEDS_ABLATION) \
 		$(TESTBED) --no_sensitivity --output docs/results/testbed_va.md
+	$(PY) scripts/run_experiments.py --set main --configs supervised va_supervised_100 --task consep_t1 consep_t2 \
+		--train_fraction 100 --seeds 0 $(TESTBED_RUN) --max_epochs 12 --bundle_root_base $(RUNS)/steps \
+		--no_sensitivity --output docs/results/testbed_f100_equal_steps.md
 	$(PY) scripts/run_experiments.py --set ablation_terms --task consep_t1 consep_t2 --train_fraction 10 \
 		--seeds $(SEEDS_ABLATION) $(TESTBED) --no_sensitivity --output docs/results/testbed_ablation_f10.md
 	$(PY) scripts/run_experiments.py --set beta --configs supervised beta_0.01 sampo beta_1 --task consep_t1 consep_t2 \
