@@ -1,6 +1,8 @@
-"""Inference with clicks: image + clicks -> network input, network output -> mask in the input's format.
+"""Inference with clicks: image + clicks -> the network input (:class:`PromptImaged`), and the network run on it
+(:class:`PromptInferer`); the way back, logits -> mask in the input's format, is :mod:`bundle.masks`.
 
-The transforms here are the ``preprocessing`` / ``postprocessing`` of ``configs/inference.yaml``, shared by the
+The transforms here are the ``preprocessing`` of ``configs/inference.yaml`` (:mod:`bundle.masks`: its
+``postprocessing``), shared by the
 bundle's own ``run`` (MONAI ``SupervisedEvaluator``), MONAI Label (``BundleInferTask``) and MONAI Deploy
 (``MonaiBundleInferenceOperator``). They read images that MONAI's ``LoadImaged`` loaded: arrays channel-first in
 the file's index order (``(C, X, Y)`` for PNG / TIFF, ``(1, I, J, K)`` for NIfTI or a DICOM series, with a RAS
@@ -23,8 +25,7 @@ above 0.5 are the foreground (channel 0) and background (channel 1) clicks, in t
 (:mod:`bundle.clicks` reads every click source).
 
 CT intensities are windowed to -125..275 HU (configurable, :mod:`bundle.transforms.ct`), mapped to [0, 1] and the
-grey channel repeated to RGB. Masks are written by :func:`bundle.io.save_png` / :func:`bundle.io.save_nifti_mask`.
-The network input is the image resized to ``image_size`` plus two one-hot click channels (:mod:`bundle.guidance`).
+grey channel repeated to RGB. The network input is the image resized to ``image_size`` plus two one-hot click channels (:mod:`bundle.guidance`).
 """
 
 from __future__ import annotations
@@ -40,18 +41,14 @@ import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.inferers import Inferer
-from monai.transforms import MapTransform, SaveImaged
+from monai.transforms import MapTransform
 
 from bundle.clicks import PromptInputError, clicks_of_request, slice_of_request
 from bundle.guidance import points_to_guidance
-from bundle.io import save_nifti_mask, save_png
 from bundle.transforms.ct import apply_window, window_range
 from bundle.transforms.geometry import (
     canonical_to_display,
-    display_shape,
     display_slice,
-    from_canonical,
-    set_display_slice,
     slice_to_canonical,
     to_canonical,
     voxel_to_canonical,
@@ -64,14 +61,13 @@ IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 META_KIND, META_SLICE = "prompt_kind", "prompt_slice"  # what PromptImaged records in the image's meta
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# transforms
-# ------------------------------------------------------------------------------------------------------------------
-def _meta(img: Any) -> dict:
+def image_meta(img: Any) -> dict:
+    """The metadata of a MONAI-loaded image (a copy; ``{}`` for a plain array)."""
     return dict(img.meta) if isinstance(img, MetaTensor) else {}
 
 
-def _filename(meta: Mapping) -> str:
+def source_name(meta: Mapping) -> str:
+    """The file an image was loaded from, by its metadata (``""`` when unknown)."""
     name = meta.get("filename_or_obj", "")
     if isinstance(name, (list, tuple)):
         name = name[0] if name else ""
@@ -200,8 +196,8 @@ class PromptImaged(MapTransform):
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            meta = _meta(d[key])
-            name = _filename(meta) or key
+            meta = image_meta(d[key])
+            name = source_name(meta) or key
             arr = self._checked_array(d[key], name)
             fg, bg, given_slice = clicks_of_request(d, meta, name, self.foreground_key, self.background_key,
                                                     self.clicks_key)
@@ -247,90 +243,11 @@ class PromptInferer(Inferer):
         return network(x, *args, **kwargs)
 
 
-class PromptMaskd(MapTransform):
-    """Network logits ``(1, S, S)`` -> binary mask in the input image's space (file index order), uint8.
+def __getattr__(name: str):
+    """``bundle.inference.PromptMaskd`` / ``SaveImageMaskd`` / ``mask_path`` (now :mod:`bundle.masks`) still
+    resolve, lazily: the inference config inside every exported ``model.ts`` names them here."""
+    if name in ("PromptMaskd", "SaveImageMaskd", "mask_path"):
+        from bundle import masks
 
-    2D images give ``(X, Y)`` (MONAI Label's writer takes a 2D label without channel), volumes ``(1, I, J, K)``
-    with only the segmented slice filled (MONAI Deploy's operator expects a channel).
-    """
-
-    def __init__(self, keys: KeysCollection = "pred", image_key: str = "image", threshold: float = 0.0,
-                 allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.image_key, self.threshold = image_key, threshold
-
-    def __call__(self, data: Mapping) -> dict:
-        d = dict(data)
-        meta = _meta(d.get(self.image_key))
-        kind, k = meta.get(META_KIND), int(meta.get(META_SLICE, -1))
-        spatial = [int(v) for v in np.asarray(meta.get("spatial_shape", ())).reshape(-1)]
-        if kind not in ("2d", "volume"):
-            raise ValueError(f"PromptMaskd: '{self.image_key}' carries no PromptImaged metadata")
-        for key in self.key_iterator(d):
-            logits = torch.as_tensor(d[key]).detach().float().cpu()
-            if logits.ndim == 2:
-                logits = logits[None]
-            if kind == "2d":
-                x, y = spatial[:2]
-                mask = F.interpolate(logits[None], size=(y, x), mode="bilinear", align_corners=False)[0, 0]
-                out = (mask > self.threshold).numpy().T.astype(np.uint8)  # (H, W) -> (X, Y)
-            else:
-                canonical_shape = to_canonical(np.zeros(spatial, dtype=np.uint8), meta.get("affine")).shape
-                mask = F.interpolate(logits[None], size=display_shape(canonical_shape), mode="bilinear",
-                                     align_corners=False)[0, 0]
-                vol = np.zeros(canonical_shape, dtype=np.uint8)
-                set_display_slice(vol, k, (mask > self.threshold).numpy())
-                out = np.ascontiguousarray(from_canonical(vol, meta.get("affine")))[None]
-            out_meta = {kk: v for kk, v in meta.items() if kk not in (META_KIND, META_SLICE)}
-            d[key] = MetaTensor(torch.from_numpy(np.ascontiguousarray(out)), meta=out_meta)
-        return d
-
-
-class SaveImageMaskd(SaveImaged):
-    """Write the mask beside the input (or in ``output_dir``) in the input's format; the path goes to ``mask_path``.
-
-    PNG for PNG / TIFF inputs (0 / ``png_value``), NIfTI for volumes with the input's geometry: the input NIfTI
-    header, or the DICOM series' affine. A ``SaveImaged`` so that MONAI Label and MONAI Deploy, which write
-    results themselves, leave it out.
-    """
-
-    def __init__(self, keys: KeysCollection = "pred", image_key: str = "image", output_dir: str | None = None,
-                 output_postfix: str = "seg", png_value: int = 255, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, output_dir=output_dir or "./", output_postfix=output_postfix,
-                         allow_missing_keys=allow_missing_keys)
-        self.image_key, self.out_dir, self.postfix, self.png_value = image_key, output_dir, output_postfix, png_value
-
-    def __call__(self, data: Mapping) -> dict:
-        d = dict(data)
-        meta = _meta(d.get(self.image_key))
-        source = _filename(meta)
-        if not source:
-            raise ValueError("SaveImageMaskd: the image has no file name in its metadata")
-        for key in self.key_iterator(d):
-            mask = np.asarray(torch.as_tensor(d[key]).cpu()).astype(np.uint8)
-            if mask.ndim == 2:
-                path = save_png(np.ascontiguousarray(mask.T) * np.uint8(self.png_value),
-                                mask_path(source, self.out_dir, self.postfix, ".png"))
-            else:
-                nifti = source.lower().endswith((".nii", ".nii.gz"))
-                path = save_nifti_mask(mask[0] if mask.ndim == 4 else mask,
-                                       mask_path(source, self.out_dir, self.postfix, ".nii.gz"),
-                                       reference=source if nifti else None,
-                                       affine=None if nifti else meta.get("original_affine", meta.get("affine")))
-            d[f"{key}_path"] = path
-            d["mask_path"] = path
-            logger.info("mask written to %s", path)
-        return d
-
-
-def mask_path(source: str, folder: str | None = None, postfix: str = "seg", suffix: str = ".nii.gz") -> str:
-    """``<folder>/<source name without its image suffix>_<postfix><suffix>``; ``folder`` defaults to the source's
-    own (created if needed)."""
-    base = os.path.basename(os.path.normpath(source))
-    for ext in sorted(VOLUME_SUFFIXES + IMAGE_SUFFIXES, key=len, reverse=True):
-        if base.lower().endswith(ext):
-            base = base[: -len(ext)]
-            break
-    folder = folder or os.path.dirname(os.path.abspath(os.path.normpath(source)))
-    os.makedirs(folder, exist_ok=True)
-    return os.path.join(folder, f"{base}_{postfix}{suffix}")
+        return getattr(masks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -93,6 +93,18 @@ def _weight(name: str, value, positive: bool = False) -> float:
     return value
 
 
+def supervised_term(z: torch.Tensor, target: torch.Tensor, inter: Pairs, intra: Pairs,
+                    shape: tuple[int, int, int]) -> torch.Tensor:
+    """L_SUP: BCE of the winners' and of the losers' logits ``z`` (B * N * M, H, W) with G, pixel means over every
+    mined pair, ties included; ``shape`` is (B, N, M)."""
+    b, n, m = shape
+    winners = torch.cat([inter.winner, intra.winner])
+    losers = torch.cat([inter.loser, intra.loser])
+    g = target.to(z.dtype)[:, None, None].expand(b, n, m, *target.shape[-2:]).flatten(0, 2)
+    return F.binary_cross_entropy_with_logits(z[winners], g[winners]) + F.binary_cross_entropy_with_logits(
+        z[losers], g[losers])
+
+
 class SAMPOLoss(nn.Module):
     """The hybrid SAMPO objective over a batch (see the module docstring for the formulas).
 
@@ -157,18 +169,9 @@ class SAMPOLoss(nn.Module):
         )
         zero = logits.sum() * 0.0
         out = {"po1": zero, "po2": zero, "sup": zero, "iou_head": zero}
-        margins = []
-        for name, pairs in (("po1", inter), ("po2", intra)):
-            margin = self.beta * (reward[pairs.winner[pairs.valid]] - reward[pairs.loser[pairs.valid]])
-            margins.append(margin)
-            if margin.numel():
-                out[name] = -F.logsigmoid(margin).mean()
+        margin = self._pair_terms(reward, inter, intra, out)
         if self.use_sup:
-            winners = torch.cat([inter.winner, intra.winner])
-            losers = torch.cat([inter.loser, intra.loser])
-            g = target.to(z.dtype)[:, None, None].expand(b, n, m, *target.shape[-2:]).flatten(0, 2)
-            out["sup"] = F.binary_cross_entropy_with_logits(z[winners], g[winners]) + F.binary_cross_entropy_with_logits(
-                z[losers], g[losers])
+            out["sup"] = supervised_term(z, target, inter, intra, (b, n, m))
         if self.use_iou_head:
             if iou_pred is None:
                 raise ValueError("the IoU-head term needs iou_pred (or set use_iou_head: false)")
@@ -176,9 +179,19 @@ class SAMPOLoss(nn.Module):
         preference = (out["po1"] if self.use_po1 else zero) + self.lam * (out["po2"] if self.use_po2 else zero)
         out["loss"] = (self.lambda_dw * preference + (out["sup"] if self.use_sup else zero)
                        + (self.lambda_iou * out["iou_head"] if self.use_iou_head else zero))
-        margin = torch.cat(margins).detach()
         out["reward_margin"] = margin.mean() if margin.numel() else margin.new_zeros(())
         out["preference_accuracy"] = (margin > 0).float().mean() if margin.numel() else margin.new_zeros(())
         out["pairs"] = torch.tensor(float(margin.numel()))
         out["iou"] = iou
         return out
+
+    def _pair_terms(self, reward: torch.Tensor, inter: Pairs, intra: Pairs, out: dict) -> torch.Tensor:
+        """L_PO1 and L_PO2 into ``out`` (left at zero without a valid pair); the beta-scaled reward margins of all
+        valid pairs, detached (the diagnostics)."""
+        margins = []
+        for name, pairs in (("po1", inter), ("po2", intra)):
+            margin = self.beta * (reward[pairs.winner[pairs.valid]] - reward[pairs.loser[pairs.valid]])
+            margins.append(margin)
+            if margin.numel():
+                out[name] = -F.logsigmoid(margin).mean()
+        return torch.cat(margins).detach()

@@ -4,6 +4,8 @@
   even when it had finished), per-iteration metrics are committed with the epoch (logged at its end, when the
   training state is saved), and a step already in the run is never logged twice.
 * :class:`FailedRun`: an exception ends the run as FAILED (KILLED for Ctrl-C) with the error as a tag.
+* :func:`config_params`: the run's MLflow params, derived from the executed config (every top-level setting), so
+  that a config key added anywhere (a file, an overlay, the command line) is logged without being listed.
 """
 
 from __future__ import annotations
@@ -58,18 +60,23 @@ def run_name(output_dir: str, resuming: bool, prefix: str = "sampo") -> str:
     return name
 
 
+def _evaluating_parser(caller: str) -> ConfigParser:
+    """The ``ConfigParser`` evaluating the ``$`` expression that called ``caller`` (found on the frame stack)."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, ConfigParser):
+            return owner
+        frame = frame.f_back
+    raise RuntimeError(f"{caller}() must be evaluated by a monai.bundle.ConfigParser (a $ expression in a config)")
+
+
 def executed_config() -> dict:
     """The raw config being executed (all config files merged, command-line overrides applied).
 
     Called from a ``$`` expression in a bundle config; it finds the ``ConfigParser`` that evaluates it.
     """
-    frame = inspect.currentframe()
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, ConfigParser):
-            return copy.deepcopy(owner.get())
-        frame = frame.f_back
-    raise RuntimeError("executed_config() must be evaluated by a monai.bundle.ConfigParser")
+    return copy.deepcopy(_evaluating_parser("executed_config").get())
 
 
 def save_executed_config(path: str) -> str:
@@ -79,16 +86,68 @@ def save_executed_config(path: str) -> str:
     return path
 
 
+SCALARS = (int, float, str, bool, type(None))
+# top-level keys that are workflows or objects: never params, never resolved by config_params
+NOT_SETTINGS = frozenset({
+    "imports", "initialize", "finalize", "run", "training", "evaluating", "pretraining", "evaluating_base",
+    "inferring", "network", "network_def", "hyperparameters",
+})  # fmt: skip
+# bookkeeping that legitimately differs between a fresh run and its resume (resume_from) or between the ranks of one
+# run (not_rank_zero, configs/multi_gpu_train.yaml): a param would change on resume (MLflow params cannot change)
+BOOKKEEPING = frozenset({"resume_from", "not_rank_zero"})
+
+
 def flatten_params(params: dict, prefix: str = "") -> dict:
-    """Nested hyperparameters -> flat ``{"a.b": value}`` for ``mlflow.log_params``."""
+    """Nested hyperparameters -> flat ``{"a.b": value}`` for ``mlflow.log_params``; a list of numbers / strings
+    becomes ``"a,b,c"``, anything else its ``str``."""
     flat = {}
     for key, value in params.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(flatten_params(value, name + "."))
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, SCALARS) for v in value):
+            flat[name] = ",".join(str(v) for v in value)
         else:
-            flat[name] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+            flat[name] = value if isinstance(value, SCALARS) else str(value)
     return flat
+
+
+def _is_expression(value) -> bool:
+    return isinstance(value, str) and value.startswith(("$", "@"))
+
+
+def _literal(value) -> bool:
+    """A value written out in the config: a number / string / bool / null, or lists and dicts of them."""
+    if isinstance(value, dict):
+        return "_target_" not in value and all(_literal(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(isinstance(v, SCALARS) and not _is_expression(v) for v in value)
+    return isinstance(value, SCALARS) and not _is_expression(value)
+
+
+def config_params(exclude=(), **derived) -> dict:
+    """The run's MLflow params: every top-level setting of the executed config, flat (:func:`flatten_params`).
+
+    A setting is a top-level key whose value is written out (a number, string, bool, null, a list of them, a dict
+    of them: ``synthetic.n_train``) or a ``$`` / ``@`` expression whose value is a number / string / bool / null or
+    a list of them (``datalist``, ``model_size``). Workflows and objects (:data:`NOT_SETTINGS`, sections, lists of
+    transforms) are never resolved here; :data:`BOOKKEEPING` keys and ``exclude`` are left out. ``derived`` adds
+    values that are no top-level key (``initialisation=@network.initialisation``) or replaces one. Called from a
+    ``$`` expression in a bundle config (``hyperparameters``); it finds the ``ConfigParser`` that evaluates it.
+    """
+    parser = _evaluating_parser("config_params")
+    params = {}
+    for key, raw in parser.get().items():
+        if key in NOT_SETTINGS or key in BOOKKEEPING or key in exclude:
+            continue
+        if _literal(raw):
+            params[key] = raw
+        elif _is_expression(raw):
+            value = parser.get_parsed_content(key)
+            if _literal(value) and not isinstance(value, dict):
+                params[key] = value
+    params.update(derived)
+    return flatten_params(params)
 
 
 class MLFlowHandler(_MonaiMLFlowHandler):
@@ -145,7 +204,7 @@ class MLFlowHandler(_MonaiMLFlowHandler):
                             key, logged[key], value, key)
                 self.client.set_tag(self.cur_run.info.run_id, f"resumed.{key}", str(value))
             params = {k: v for k, v in params.items() if k not in logged}
-        if params:
+        if params:  # all in one log_batch: MLflow's client splits it into the store's batches of 100
             super()._log_params(params)
 
     def iteration_completed(self, engine: Engine) -> None:

@@ -50,7 +50,7 @@ def measure(size: str, batch: int, n_sets: int, repeats: int, image_size: int, o
     pretraining = objective == "pretraining"
     ckpt = {"activation_checkpointing": option == "checkpointing"}
     if pretraining:  # the base's pretraining: every part trained, no adapters
-        net = PromptableSAM(size, image_size, lora_rank=0, trainable=("image_encoder", "prompt_encoder", "mask_decoder"),
+        net = PromptableSAM(size, image_size, lora_rank=0, trainable_parts=("image_encoder", "prompt_encoder", "mask_decoder"),
                             **ckpt)
     else:
         net = PromptableSAM(size, image_size, lora_rank=64 if size != "tiny" else 4, **ckpt)

@@ -144,8 +144,8 @@ class NiftiMaskWriterOperator(Operator):
     """The mask Image (SDK order (K, J, I)) -> ``<input name>_seg.nii.gz`` with the input volume's header."""
 
     def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext):
-        from bundle.inference import mask_path
         from bundle.io import save_nifti_mask
+        from bundle.masks import mask_path
 
         image = op_input.get("seg_image")
         mask = np.swapaxes(image.asnumpy(), 0, 2).astype(np.uint8)  # back to file index order (I, J, K)

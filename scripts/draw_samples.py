@@ -34,7 +34,7 @@ def row_pipeline(task_config: str, dataset_dir: str, seed: int):
     parser = ConfigParser(ConfigParser.load_config_files([str(ROOT / "configs" / "train.yaml"), task_config]))
     parser["dataset_dir"] = str(Path(dataset_dir).resolve())
     transform = Compose(
-        parser.get_parsed_content("load") + parser.get_parsed_content("resize") + [PromptSetsd(n_sets=2)]
+        parser.get_parsed_content("load") + parser.get_parsed_content("resize") + [PromptSetsd(n_prompt_sets=2)]
     )
     transform.set_random_state(seed)
     return transform, parser.get_parsed_content("datalist"), parser.get_parsed_content("task")

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha trained (default: the rank)")
     p.add_argument("--lora_targets", nargs="+", default=["qkv", "proj", "lin1", "lin2"],
                    help="image-encoder linears with adapters (default: qkv proj lin1 lin2)")
-    p.add_argument("--trainable", nargs="*", default=["prompt_encoder", "mask_decoder"],
+    p.add_argument("--trainable_parts", "--trainable", nargs="*", default=["prompt_encoder", "mask_decoder"],
                    help="SAM parts trained in full (default: prompt_encoder mask_decoder)")
     p.add_argument("--bundle_root", default=str(ROOT), help="bundle whose configs/ go into model.ts (default: this)")
     p.add_argument("--output_dir", default=None, help="where model.pt / model.ts go (default: BUNDLE_ROOT/models)")
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     try:
         net = load_network(
             a.checkpoint, key=a.key, model_size=a.model_size, image_size=a.image_size, lora_rank=a.lora_rank,
-            lora_alpha=a.lora_alpha, lora_targets=a.lora_targets, trainable=a.trainable,
+            lora_alpha=a.lora_alpha, lora_targets=a.lora_targets, trainable_parts=a.trainable_parts,
         )
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

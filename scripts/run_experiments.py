@@ -14,6 +14,8 @@ A method that does not train (zero-shot) is evaluated once (the first seed): it 
 once (give each ``--threads 1``). An experiment config may name ``overlays`` (e.g. ``semi_supervised``: paper
 003's two-stage schedule, whose final state is at ``max_epochs + stage2_epochs``; docs/virtual_annotator.md). Besides the test scores, each row reports the validation Dice of the final
 epoch (from the run's MLflow store): what hyperparameters are chosen on (docs/results.md, "Choosing beta").
+``--overlay paper`` runs every row with the papers' settings (configs/experiments/paper.yaml: ViT-B, batch 14,
+10 epochs, ...): a settings overlay after the task config, before the row's and column's own keys, which win.
 """
 
 from __future__ import annotations
@@ -64,6 +66,17 @@ def experiment_meta(name: str) -> dict:
             raise SystemExit(f"{path}: overlay {o} not found")
     return {"name": name, "path": path, "label": meta.get("label", name), "train": meta.get("train", True), "cfg": cfg,
             "overlays": overlays}
+
+
+def overlay_paths(names: list[str] | None) -> list[str]:
+    """``--overlay`` names (configs/experiments/NAME.yaml, e.g. paper) or paths -> config files, checked."""
+    paths = []
+    for name in names or []:
+        path = name if name.endswith((".yaml", ".yml", ".json")) else os.path.join(EXPERIMENTS, f"{name}.yaml")
+        if not os.path.isfile(path):
+            raise SystemExit(f"--overlay {name}: no config {path}")
+        paths.append(os.path.abspath(path))
+    return paths
 
 
 def final_epoch(args, method: dict) -> int:
@@ -134,10 +147,14 @@ def run(cmd: list[str], log: str, env: dict, dry_run: bool) -> None:
 
 
 def max_epochs_of(args) -> int:
+    """--max_epochs, else that of the last --overlay setting it (paper: 10), else train.yaml's."""
     if args.max_epochs is not None:
         return args.max_epochs
-    with open(os.path.join(REPO, "configs", "train.yaml"), encoding="utf-8") as f:
-        return int(yaml.safe_load(f)["max_epochs"])
+    epochs = None
+    for path in [os.path.join(REPO, "configs", "train.yaml"), *overlay_paths(args.overlay)]:
+        with open(path, encoding="utf-8") as f:
+            epochs = (yaml.safe_load(f) or {}).get("max_epochs", epochs)
+    return int(epochs)
 
 
 def validation_dice(root: str) -> float | None:
@@ -157,7 +174,7 @@ def one(args, task: str, method: dict, column: dict | None, seed: int, env: dict
     """Train (unless zero-shot or already done) and evaluate one method on one task / column / seed; return the
     evaluation summary (plus ``bundle_root`` and ``val_dice``)."""
     files, task_over, _ = task_configs(task)
-    base = [os.path.join(REPO, "configs", "train.yaml"), *files, *method.get("overlays", [])]
+    base = [os.path.join(REPO, "configs", "train.yaml"), *files, *method.get("overlays", []), *overlay_paths(args.overlay)]
     exp_files = [method["path"]] + ([column["path"]] if column else [])
     fraction = (column or method)["cfg"].get("train_fraction", args.train_fraction)
     root = os.path.join(args.bundle_root_base, task, f"f{fraction}", method["name"], f"seed{seed}")
@@ -273,6 +290,9 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int)
     p.add_argument("--val_interval", type=int)
     p.add_argument("--train_fraction", type=int, default=100, help="training fraction unless the set varies it")
+    p.add_argument("--overlay", action="append", metavar="NAME",
+                   help="settings overlay for every run: configs/experiments/NAME.yaml (paper: the papers' batch 14, "
+                        "10 epochs, ViT-B ...) or a config path (repeatable)")
     p.add_argument("--override", action="append", metavar="KEY=VALUE", help="more bundle overrides (repeatable)")
     p.add_argument("--checkpoint", choices=["final", "best"], default="final",
                    help="evaluate the final training state (equal budget, default) or best_model.pt")
@@ -290,6 +310,7 @@ def parse_args(argv=None):
         raise SystemExit("--bundle_root_base must be outside the repository")
     if args.jobs < 1:
         raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
+    overlay_paths(args.overlay)  # a missing overlay stops here, before any run
     return args
 
 

@@ -48,7 +48,7 @@ def test_start_and_end_notes_name_the_starting_weights():
 
 @pytest.mark.skipif(not os.path.isfile(bases.TESTBED_CHECKPOINT), reason="the testbed base is not in models/")
 def test_the_committed_base_loads_into_the_small_sam_and_its_md5_is_the_documented_one():
-    net = PromptableSAM("small", 256, lora_rank=0, checkpoint=bases.TESTBED_CHECKPOINT, require_checkpoint=True)
+    net = PromptableSAM("small", 256, lora_rank=0, sam_checkpoint=bases.TESTBED_CHECKPOINT, require_checkpoint=True)
     assert net.initialisation == "sam_small_base.pth"
     md5 = hashlib.md5(Path(bases.TESTBED_CHECKPOINT).read_bytes()).hexdigest()
     assert md5 in (REPO / "docs" / "testbed.md").read_text(encoding="utf-8")

@@ -17,7 +17,7 @@ SIZE = 64
 
 
 def _net(seed=0, checkpoint=None, rank=4):
-    return PromptableSAM("tiny", image_size=SIZE, lora_rank=rank, checkpoint=checkpoint, seed=seed)
+    return PromptableSAM("tiny", image_size=SIZE, lora_rank=rank, sam_checkpoint=checkpoint, seed=seed)
 
 
 def _save(net, path, sam_checkpoint=None, seed=0):

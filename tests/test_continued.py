@@ -27,7 +27,7 @@ def test_training_network_starts_at_the_served_model(tmp_path):
     torch.save(served.state_dict(), tmp_path / "model.pt")
     base = served_as_base(tmp_path / "model.pt", tmp_path / "run" / "served_start.pth", "tiny", S)
     torch.manual_seed(3)
-    net = PromptableSAM("tiny", S, checkpoint=base, require_checkpoint=True, lora_rank=4).eval()  # as train.yaml
+    net = PromptableSAM("tiny", S, sam_checkpoint=base, require_checkpoint=True, lora_rank=4).eval()  # as train.yaml
     x = clicks_input()
     with torch.no_grad():
         expected = served(x)

@@ -1,6 +1,7 @@
 """scripts/run_experiments.py: seeds, aggregation over seeds, validation Dice read back from MLflow."""
 
 import importlib.util
+import re
 import sqlite3
 import subprocess
 import sys
@@ -59,3 +60,17 @@ def test_bad_jobs_and_a_root_inside_the_repository_are_refused(tmp_path):
         rx.parse_args(["--bundle_root_base", str(tmp_path), "--jobs", "0"])
     with pytest.raises(SystemExit, match="outside the repository"):
         rx.parse_args(["--bundle_root_base", str(REPO / "runs")])
+
+
+def test_paper_overlay_reaches_every_run_before_the_rows_own_keys(tmp_path):
+    dry = subprocess.run([sys.executable, str(SCRIPT), "--set", "lora_rank", "--configs", "lora_rank_4", "--task", "t1",
+                          "--bundle_root_base", str(tmp_path), "--overlay", "paper", "--dry_run"],
+                         capture_output=True, text=True, timeout=60, encoding="utf-8")
+    assert dry.returncode == 0, dry.stderr
+    train, evaluate = [ln for ln in dry.stdout.splitlines() if ln.startswith("$ ")]
+    configs = re.search(r"--config_file (\S+)", train).group(1)
+    # paper.yaml after train.yaml, before the row's config (lora_rank_4 wins over the paper's rank 64)
+    assert configs.index("train.yaml") < configs.index("paper.yaml") < configs.index("lora_rank_4.yaml")
+    assert "checkpoint_epoch=10.pt" in evaluate  # the paper's 10 epochs: the final state evaluated
+    with pytest.raises(SystemExit, match="--overlay nope: no config"):
+        rx.parse_args(["--bundle_root_base", str(tmp_path), "--overlay", "nope"])

@@ -12,7 +12,8 @@ from PIL import Image
 from bundle.checkpoints import build_network
 from bundle.clicks import PromptInputError, read_clicks
 from bundle.export import write_bundle
-from bundle.inference import PromptImaged, PromptMaskd
+from bundle.inference import PromptImaged
+from bundle.masks import PromptMaskd
 from bundle.transforms.geometry import display_slice, to_canonical
 from conftest import REPO, SHARED_DATA
 
@@ -285,3 +286,20 @@ def test_bundle_run_reports_the_bad_input(bundle_dir, tmp_path):
         err = err.__cause__ or err.__context__
     assert any(isinstance(c, PromptInputError) and "give a slice index" in str(c) for c in chain)
     assert not (tmp_path / "ct_seg.nii.gz").exists()
+
+
+def test_exported_configs_still_name_the_mask_transforms_in_bundle_inference():
+    """model.ts files exported before bundle/masks.py carry an inference config naming bundle.inference.PromptMaskd
+    and SaveImageMaskd: MONAI Deploy instantiates those names."""
+    from monai.bundle import ConfigComponent
+
+    import bundle.masks
+
+    for name in ("PromptMaskd", "SaveImageMaskd"):
+        obj = ConfigComponent({"_target_": f"bundle.inference.{name}", "keys": "pred"}).instantiate()
+        assert type(obj) is getattr(bundle.masks, name)
+    import bundle.inference
+
+    assert bundle.inference.mask_path is bundle.masks.mask_path
+    with pytest.raises(AttributeError, match="no attribute 'PromptMask'"):
+        bundle.inference.PromptMask  # noqa: B018

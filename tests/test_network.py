@@ -113,12 +113,12 @@ def test_checkpoint_resizing(tmp_path):
 def test_network_loads_checkpoint_and_reports_initialisation(tmp_path, caplog):
     path = tmp_path / "sam_tiny.pth"
     _official_tiny_checkpoint(path)
-    assert PromptableSAM("tiny", 224, checkpoint=str(path), lora_rank=4).initialisation == "sam_tiny.pth"
+    assert PromptableSAM("tiny", 224, sam_checkpoint=str(path), lora_rank=4).initialisation == "sam_tiny.pth"
     with caplog.at_level("WARNING"):
-        net = PromptableSAM("tiny", 224, checkpoint=str(tmp_path / "absent.pth"), lora_rank=4)
+        net = PromptableSAM("tiny", 224, sam_checkpoint=str(tmp_path / "absent.pth"), lora_rank=4)
     assert net.initialisation == "random" and "RANDOM INITIALISATION" in caplog.text
     with pytest.raises(FileNotFoundError, match="absent.pth"):
-        PromptableSAM("tiny", 224, checkpoint=str(tmp_path / "absent.pth"), require_checkpoint=True)
+        PromptableSAM("tiny", 224, sam_checkpoint=str(tmp_path / "absent.pth"), require_checkpoint=True)
 
 
 def test_checkpoint_of_another_size_is_refused(tmp_path):
@@ -187,7 +187,7 @@ def test_reference_is_the_initial_model_without_a_copy(tiny_net):
         ({"lora_rank": 4, "lora_targets": ["qkvv"]}, r"lora_targets must be a non-empty list among \['qkv', 'proj', 'lin1', 'lin2'\].*unknown: \['qkvv'\]"),
         ({"lora_rank": 4, "lora_targets": "qkv"}, r"lora_targets must be a list of layer names"),
         ({"lora_rank": 4, "lora_targets": []}, r"lora_targets must be a non-empty list"),
-        ({"lora_rank": 4, "trainable": ["image_encoder"]}, r"trainable parts must be among prompt_encoder, mask_decoder"),
+        ({"lora_rank": 4, "trainable_parts": ["image_encoder"]}, r"trainable parts must be among prompt_encoder, mask_decoder"),
     ],
 )
 def test_bad_lora_settings_say_what_is_allowed(kwargs, match):

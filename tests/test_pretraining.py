@@ -109,7 +109,7 @@ def test_loss_is_focal_and_dice_on_the_best_slot_plus_iou_mse():
 @pytest.mark.parametrize("rounds", [0, 1])
 def test_a_step_lowers_the_loss_on_a_fixed_batch(rounds, one_thread):
     torch.manual_seed(0)
-    net = PromptableSAM("tiny", 64, lora_rank=0, trainable=("image_encoder", "prompt_encoder", "mask_decoder"))
+    net = PromptableSAM("tiny", 64, lora_rank=0, trainable_parts=("image_encoder", "prompt_encoder", "mask_decoder"))
     inst = np.kron(_instances(), np.ones((2, 2), np.int32))  # 64 px
     t = SingleObjectPromptsd(n_objects=2, max_clicks=2)
     t.set_random_state(0)
@@ -167,7 +167,7 @@ def test_pretraining_run_writes_a_loadable_base_and_resumes(tmp_path):
     assert "md5" in proc.stdout and not (tmp_path / "models" / "checkpoint_epoch=1.pt").exists()
     state = torch.load(base, weights_only=True)
     assert state["image_encoder.patch_embed.proj.weight"].dtype == torch.float16  # official keys, fp16
-    net = PromptableSAM("tiny", 64, lora_rank=0, checkpoint=str(base), require_checkpoint=True)
+    net = PromptableSAM("tiny", 64, lora_rank=0, sam_checkpoint=str(base), require_checkpoint=True)
     assert net.initialisation == "sam_small_base.pth"
     assert torch.allclose(net.sam.mask_decoder.iou_token.weight, state["mask_decoder.iou_token.weight"].float())
 

@@ -63,7 +63,7 @@ def _sample(task="t2", cls=2):
 
 def test_prompt_sets_respect_the_target_and_vary():
     d = _sample()
-    t = PromptSetsd(n_sets=16, max_pos=3, max_neg=3)
+    t = PromptSetsd(n_prompt_sets=16, max_pos=3, max_neg=3)
     t.set_random_state(0)
     out = t(d)
     points, labels = out["points"].numpy(), out["point_labels"].numpy()
@@ -93,7 +93,7 @@ def test_prompt_sets_are_seeded():
     c.set_random_state(8)
     pa, pb, pc = a(d)["points"], b(d)["points"], c(d)["points"]
     assert torch.equal(pa, pb) and not torch.equal(pa, pc)
-    with pytest.raises(ValueError, match="n_sets must be >= 2"):
+    with pytest.raises(ValueError, match="n_prompt_sets must be >= 2"):
         PromptSetsd(1)
 
 
@@ -173,7 +173,7 @@ def test_the_sets_give_a_network_candidates_to_prefer(tiny_net):
     from bundle.preference import mine_pairs
 
     d = TaskTargetd("t1")({"label": _label()})
-    t = PromptSetsd(n_sets=4)
+    t = PromptSetsd(n_prompt_sets=4)
     t.set_random_state(0)
     out = t(d)
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -7,9 +7,10 @@
 - Class of a nucleus: ``inst_type`` (one row per instance, in ascending instance-id order); it must agree with the
   majority of ``type_map`` inside the nucleus, else the file is rejected. Without ``inst_type``, the majority of
   ``type_map`` is used.
-- Tiles: ``tile_size`` squares at ``stride`` steps plus a last tile flush with the border; ``stride=None`` spreads
-  the fewest tiles evenly (1000 px, tile 256 -> offsets 0, 248, 496, 744). Instances are renumbered 1..n per tile;
-  nuclei cut by the tile border keep their visible part. Tiles without a nucleus are skipped and counted.
+- Tiles (:mod:`bundle.data.tiles`): ``tile_size`` squares at ``stride`` steps plus a last tile flush with the
+  border; ``stride=None`` spreads the fewest tiles evenly (1000 px, tile 256 -> offsets 0, 248, 496, 744). Instances
+  are renumbered 1..n per tile; nuclei cut by the tile border keep their visible part. Tiles without a nucleus are
+  skipped and counted.
 - Split by source image: validation is a seeded ``val_fraction`` of the Train source images, test is Test.
 """
 
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 from .instances import instance_label, relabel_sequential
 from .splits import split_sources
+from .tiles import tile_offsets, write_tiles  # noqa: F401  (tile_offsets: bundle.data.consep.tile_offsets)
 from .writer import DatasetWriter, check_output
 
 CLASSES = {1: "other", 2: "inflammatory", 3: "epithelial", 4: "spindle"}
@@ -110,21 +112,6 @@ def read_label(path: Path, type_scheme: int = 7) -> tuple[np.ndarray, np.ndarray
     return seq, types.astype(np.int32), int(all_types.max(initial=0))
 
 
-def tile_offsets(size: int, tile: int, stride: int | None = None) -> list[int]:
-    """Tile start offsets along one axis covering ``size`` (the last tile flush with the border)."""
-    if size < tile:
-        raise ValueError(f"image side {size} is smaller than the tile size {tile}")
-    if stride is None:
-        n = int(np.ceil((size - tile) / tile)) + 1
-        return [int(round(i * (size - tile) / (n - 1))) for i in range(n)] if n > 1 else [0]
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    offsets = list(range(0, size - tile + 1, stride))
-    if offsets[-1] != size - tile:
-        offsets.append(size - tile)
-    return offsets
-
-
 def find_pairs(split_dir: Path) -> list[tuple[Path, Path]]:
     """(image, label) pairs of an official split folder (Images/*.png, Labels/*.mat)."""
     images_dir, labels_dir = split_dir / "Images", split_dir / "Labels"
@@ -140,6 +127,18 @@ def find_pairs(split_dir: Path) -> list[tuple[Path, Path]]:
     if not pairs:
         raise FileNotFoundError(f"{images_dir}: no .png images")
     return pairs
+
+
+def _check_args(type_scheme, tile_size, stride, val_fraction, source_pattern) -> None:
+    if type_scheme not in (4, 7):
+        raise ValueError(f"type_scheme must be 7 (official release) or 4 (labels already merged), got {type_scheme!r}")
+    for name, value in (("tile_size", tile_size), ("stride", stride)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if "(?P<source>" not in source_pattern:
+        raise ValueError(f"source_pattern {source_pattern!r} needs a named group (?P<source>...)")
 
 
 def prepare_consep(
@@ -158,15 +157,7 @@ def prepare_consep(
     Arguments are checked before anything is read; ``output`` is written through :class:`DatasetWriter`, so a run
     that fails leaves an existing output unchanged.
     """
-    if type_scheme not in (4, 7):
-        raise ValueError(f"type_scheme must be 7 (official release) or 4 (labels already merged), got {type_scheme!r}")
-    for name, value, lowest in (("tile_size", tile_size, 1), ("stride", stride, 1)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < lowest):
-            raise ValueError(f"{name} must be an integer >= {lowest}, got {value!r}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if "(?P<source>" not in source_pattern:
-        raise ValueError(f"source_pattern {source_pattern!r} needs a named group (?P<source>...)")
+    _check_args(type_scheme, tile_size, stride, val_fraction, source_pattern)
     check_output(output)
     input_dir = Path(input_dir)
     train_pairs, test_pairs = find_pairs(input_dir / "Train"), find_pairs(input_dir / "Test")
@@ -186,22 +177,8 @@ def prepare_consep(
                 raise ValueError(
                     f"{image_path}: image size {image.shape[:2]} != label size {inst.shape} in {label_path}"
                 )
-            try:
-                ys, xs = tile_offsets(inst.shape[0], tile_size, stride), tile_offsets(inst.shape[1], tile_size, stride)
-            except ValueError as e:
-                raise ValueError(f"{image_path}: {e}") from e
-            tiled = len(ys) * len(xs) > 1
-            for k, (y, x) in enumerate((y, x) for y in ys for x in xs):
-                crop = inst[y : y + tile_size, x : x + tile_size]
-                local, old = relabel_sequential(crop)
-                if len(old) == 0:
-                    writer.skip("no nucleus")
-                    continue
-                label = instance_label(local, types[old - 1])
-                stem = f"{image_path.stem}_{k:03d}" if tiled else image_path.stem
-                tile = np.ascontiguousarray(image[y : y + tile_size, x : x + tile_size])
-                extra = {"tile": [y, x]} if tiled else {}
-                writer.add(split, stem, tile, label, source=source, n_nuclei=len(old), tissue="colon", **extra)
+            write_tiles(writer, split, image_path.stem, image, instance_label(inst, types), tile_size, stride,
+                        source=source, where=image_path, tissue="colon")
         if type_scheme == 7 and max_type <= 4:
             raise ValueError(
                 f"{input_dir}: no file has a type id above 4, so the labels look already merged to the 4-type scheme; "

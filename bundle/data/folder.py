@@ -12,7 +12,7 @@ dataset (docs/DATA_CONTRACT.md), by default all in the ``test`` split: a zero-sh
   mapped); ``class_names`` names the written ids. ``type_scheme`` presets both (``SCHEMES``); ``nuclei`` makes every
   nucleus class 1 whatever the files say.
 - Tiles, never resized: a side shorter than ``tile_size`` is padded at the bottom / right (image: ``pad_mode``
-  ``constant`` with ``pad_value``, or ``reflect``; label: 0); longer sides are cut at ``consep.tile_offsets``
+  ``constant`` with ``pad_value``, or ``reflect``; label: 0); longer sides are cut at ``tiles.tile_offsets``
   (``stride`` None: the fewest tiles, evenly spread, the last flush with the border). Instances are renumbered per
   tile; nuclei cut by a tile border keep their visible part. Tiles without a nucleus are skipped and counted
   unless ``keep_empty``. Entries record ``tile: [y, x]`` (when cut) and ``pad: [bottom, right]`` (when padded).
@@ -34,6 +34,7 @@ from . import consep, pannuke
 from .datalist import SPLITS
 from .instances import instance_label, relabel_sequential
 from .readers import IMAGE_EXTS, LABEL_EXTS, LabelFile, read_class_map, read_image, read_label
+from .tiles import write_tiles
 from .writer import DatasetWriter, check_output
 
 LABEL_SUFFIXES = ("", "_mask", "_masks", "_label", "_labels", "_inst", "_instance")
@@ -135,6 +136,21 @@ def nucleus_classes(seq, old, label: LabelFile, class_map, label_path: Path, cla
     return np.array([mapping[c] for c in classes.tolist()], np.int64)
 
 
+def read_pair(image_path: Path, label_path: Path, class_path, invert: bool, type_scheme, class_mapping):
+    """One image (``invert``-ed if asked), its instance map 1..n and the written class of each nucleus; sizes that
+    differ are an error naming the files."""
+    image = 255 - read_image(image_path) if invert else read_image(image_path)
+    label = read_label(label_path, image.shape[:2])
+    seq, old = instances_of(label, label_path)
+    class_map = read_class_map(class_path) if class_path else label.class_map
+    for what, path, array in (("label", label_path, seq), ("class map", class_path, class_map)):
+        if array is not None and array.shape != image.shape[:2]:
+            raise ValueError(f"{image_path}: image size {image.shape[:2]} != {what} size {array.shape} of {path}")
+    types = (np.ones(len(old), np.int64) if type_scheme == "nuclei"
+             else nucleus_classes(seq, old, label, class_map, label_path, class_path, class_mapping))
+    return image, seq, types
+
+
 def _pad(array: np.ndarray, bottom: int, right: int, mode: str, value: int) -> np.ndarray:
     width = [(0, bottom), (0, right)] + [(0, 0)] * (array.ndim - 2)
     return np.pad(array, width, mode="reflect") if mode == "reflect" else np.pad(array, width, constant_values=value)
@@ -195,20 +211,11 @@ def prepare_folder(
     n_nuclei, sizes = 0, set()
     with DatasetWriter(output, name, "nuclei", names) as writer:
         for image_path, label_path, class_path in tqdm(pairs, desc=name, disable=not progress):
-            image = 255 - read_image(image_path) if invert else read_image(image_path)
-            label = read_label(label_path, image.shape[:2])
-            seq, old = instances_of(label, label_path)
-            class_map = read_class_map(class_path) if class_path else label.class_map
-            for what, path, array in (("label", label_path, seq), ("class map", class_path, class_map)):
-                if array is not None and array.shape != image.shape[:2]:
-                    raise ValueError(f"{image_path}: image size {image.shape[:2]} != {what} size {array.shape} "
-                                     f"of {path}")
-            types = (np.ones(len(old), np.int64) if type_scheme == "nuclei"
-                     else nucleus_classes(seq, old, label, class_map, label_path, class_path, class_mapping))
+            image, seq, types = read_pair(image_path, label_path, class_path, invert, type_scheme, class_mapping)
             if not class_names:
                 for c in np.unique(types).tolist():
                     writer.classes.setdefault(int(c), "nucleus" if c == 1 else f"class {c}")
-            n_nuclei += len(old)
+            n_nuclei += len(types)
             sizes.add(image.shape[:2])
             _write_tiles(writer, image_path.stem, image, instance_label(seq, types), split, tile_size, stride,
                          pad_mode, pad_value, keep_empty, tissue)
@@ -225,25 +232,11 @@ def _write_tiles(writer, stem, image, label, split, tile_size, stride, pad_mode,
     """Pad ``image`` / ``label`` (2, H, W) up to ``tile_size`` and write its tiles (module docstring, 'Tiles')."""
     h, w = image.shape[:2]
     bottom, right = max(0, tile_size - h), max(0, tile_size - w)
+    fields = {}
     if bottom or right:
         image = _pad(image, bottom, right, pad_mode, pad_value)
         label = np.moveaxis(_pad(np.moveaxis(label, 0, -1), bottom, right, "constant", 0), -1, 0)
-    ys = consep.tile_offsets(image.shape[0], tile_size, stride)
-    xs = consep.tile_offsets(image.shape[1], tile_size, stride)
-    tiled = len(ys) * len(xs) > 1
-    for k, (y, x) in enumerate((y, x) for y in ys for x in xs):
-        crop = label[:, y : y + tile_size, x : x + tile_size]
-        local, old = relabel_sequential(crop[0])
-        if len(old) == 0 and not keep_empty:
-            writer.skip("no nucleus")
-            continue
-        classes = np.zeros(len(old), np.int32)
-        classes[local[local > 0] - 1] = crop[1][local > 0]
-        extra = {"tile": [y, x]} if tiled else {}
-        if bottom or right:
-            extra["pad"] = [bottom, right]
-        if tissue:
-            extra["tissue"] = tissue
-        tile = np.ascontiguousarray(image[y : y + tile_size, x : x + tile_size])
-        writer.add(split, f"{stem}_{k:03d}" if tiled else stem, tile, instance_label(local, classes), source=stem,
-                   n_nuclei=len(old), **extra)
+        fields["pad"] = [bottom, right]
+    if tissue:
+        fields["tissue"] = tissue
+    write_tiles(writer, split, stem, image, label, tile_size, stride, keep_empty=keep_empty, **fields)

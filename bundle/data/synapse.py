@@ -199,6 +199,29 @@ def _patient_splits(patients, val_fraction, test_fraction, val_patients, test_pa
     return {p: split for split, names in parts.items() for p in names}
 
 
+def nifti_items(input_dir, pairs) -> list[tuple[str, tuple[Path, Path]]]:
+    """(patient, (image, label)) of the NIfTI volumes: ``pairs``, else imagesTr/ + labelsTr/ of ``input_dir``; two
+    images of one patient id are an error."""
+    volume_pairs = [(Path(i), Path(lbl)) for i, lbl in pairs] if pairs is not None else find_nifti_pairs(input_dir)
+    items = [(patient_of(i), (i, lbl)) for i, lbl in volume_pairs]
+    names = [p for p, _ in items]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"two image files give the same patient id: {twice}")
+    return items
+
+
+def item_slices(patient: str, item, use_npz: bool, mapping: str, organs=None):
+    """Yield (name, HU slice, organ map) of one item: the .npz slice itself, or every axial slice of a volume pair
+    (``<patient>_<k:03d>``)."""
+    if use_npz:
+        hu, organ_map = read_npz_slice(item, mapping, organs)
+        yield item.stem, hu, organ_map
+    else:
+        for k, hu, organ_map in nifti_slices(*item, mapping, organs):
+            yield f"{patient}_{k:03d}", hu, organ_map
+
+
 def prepare_synapse(
     output: str | os.PathLike,
     input_dir: str | os.PathLike | None = None,
@@ -226,25 +249,12 @@ def prepare_synapse(
     mapping = label_mapping or ("synapse" if use_npz else "btcv")
     if mapping not in LABEL_MAPPINGS:
         raise ValueError(f"unknown label mapping {mapping!r}; known: {list(LABEL_MAPPINGS)}")
-    if use_npz:
-        items = [(npz_patient(p), p) for p in npz_files]
-    else:
-        volume_pairs = [(Path(i), Path(lbl)) for i, lbl in pairs] if pairs is not None else find_nifti_pairs(input_dir)
-        items = [(patient_of(i), (i, lbl)) for i, lbl in volume_pairs]
-        names = [p for p, _ in items]
-        if len(set(names)) != len(names):
-            twice = sorted({n for n in names if names.count(n) > 1})
-            raise ValueError(f"two image files give the same patient id: {twice}")
+    items = [(npz_patient(p), p) for p in npz_files] if use_npz else nifti_items(input_dir, pairs)
     split_of = _patient_splits([p for p, _ in items], val_fraction, test_fraction, val_patients, test_patients, seed)
     check_output(output)
     with DatasetWriter(output, "synapse", "organ", classes) as writer:
         for patient, item in tqdm(items, desc="Synapse", disable=not progress):
-            if use_npz:
-                hu, organ_map = read_npz_slice(item, mapping, organs)
-                slices = [(item.stem, hu, organ_map)]
-            else:
-                slices = ((f"{patient}_{k:03d}", hu, m) for k, hu, m in nifti_slices(*item, mapping, organs))
-            for stem, hu, organ_map in slices:
+            for stem, hu, organ_map in item_slices(patient, item, use_npz, mapping, organs):
                 present = np.unique(organ_map)
                 present = present[present > 0]
                 if len(present) == 0:

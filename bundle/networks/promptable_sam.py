@@ -37,6 +37,31 @@ from bundle.networks.sam_builder import build_sam, load_sam_checkpoint
 logger = logging.getLogger(__name__)
 
 
+def _initial_sam(model_size: str, image_size: int, sam_checkpoint: str | None, require_checkpoint: bool,
+               seed: int | None) -> tuple[nn.Module, str]:
+    """The SAM a :class:`PromptableSAM` wraps, before adapters, and its ``initialisation``: the file name of
+    ``sam_checkpoint`` when it was loaded, else ``random`` (built from ``seed``; the global RNG is left as it was)."""
+    with torch.random.fork_rng(enabled=seed is not None, devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        sam = build_sam(model_size, image_size)
+    if sam_checkpoint and os.path.isfile(sam_checkpoint):
+        load_sam_checkpoint(sam, sam_checkpoint)
+        return sam, os.path.basename(sam_checkpoint)
+    if sam_checkpoint and require_checkpoint:
+        raise FileNotFoundError(f"SAM checkpoint not found: {sam_checkpoint} (see README: download the checkpoint)")
+    if not sam_checkpoint:  # inference / export: trained weights replace these next (and say so when loaded)
+        logger.info("%s built with random weights (no SAM checkpoint given)", model_size)
+    else:
+        logger.warning(
+            "No SAM checkpoint found%s: %s starts from RANDOM INITIALISATION. "
+            "Put the official checkpoint in models/ (README: 'Official checkpoints') to fine-tune SAM.",
+            f" at {sam_checkpoint}" if sam_checkpoint else "",
+            model_size,
+        )
+    return sam, "random"
+
+
 class PromptableSAM(nn.Module):
     """Segment Anything with point prompts, LoRA on the image encoder, and a single-tensor forward.
 
@@ -44,13 +69,13 @@ class PromptableSAM(nn.Module):
         model_size: ``vit_b``, ``vit_l``, ``vit_h`` or ``tiny`` (tests).
         image_size: square input size of the image encoder (224 in the papers).
         in_channels: image channels before the two click channels (3: RGB, or grey CT repeated).
-        checkpoint: official SAM checkpoint to start from; ``None`` or a missing file with
+        sam_checkpoint: official SAM checkpoint to start from; ``None`` or a missing file with
             ``require_checkpoint=False`` means random initialisation, announced in the log.
-        require_checkpoint: raise if ``checkpoint`` does not exist instead of starting from random weights.
+        require_checkpoint: raise if ``sam_checkpoint`` does not exist instead of starting from random weights.
         lora_rank: LoRA rank on the image encoder (0: no adapters, e.g. a merged export).
         lora_alpha: LoRA scaling numerator (default: ``lora_rank``).
         lora_targets: names of the encoder's linear layers that get adapters.
-        trainable: SAM parts trained in full beside the adapters (``prompt_encoder``, ``mask_decoder``).
+        trainable_parts: SAM parts trained in full beside the adapters (``prompt_encoder``, ``mask_decoder``).
         max_points: clicks read per guidance channel in the single-tensor forward.
         activation_checkpointing: recompute the image encoder's block activations in the backward pass (less
             memory, about one more encoder forward per training step; :mod:`.activation_checkpointing`).
@@ -63,12 +88,12 @@ class PromptableSAM(nn.Module):
         model_size: str = "vit_b",
         image_size: int = 224,
         in_channels: int = 3,
-        checkpoint: str | None = None,
+        sam_checkpoint: str | None = None,
         require_checkpoint: bool = False,
         lora_rank: int = 64,
         lora_alpha: float | None = None,
         lora_targets: Sequence[str] = ("qkv", "proj", "lin1", "lin2"),
-        trainable: Sequence[str] = ("prompt_encoder", "mask_decoder"),
+        trainable_parts: Sequence[str] = ("prompt_encoder", "mask_decoder"),
         max_points: int = 16,
         seed: int | None = None,
         activation_checkpointing: bool = False,
@@ -81,32 +106,14 @@ class PromptableSAM(nn.Module):
         self.in_channels = in_channels
         self.max_points = max_points
         self.seed = seed
-        with torch.random.fork_rng(enabled=seed is not None, devices=[]):
-            if seed is not None:
-                torch.manual_seed(seed)
-            sam = build_sam(model_size, image_size)
-        self.initialisation = "random"
-        if checkpoint and os.path.isfile(checkpoint):
-            load_sam_checkpoint(sam, checkpoint)
-            self.initialisation = os.path.basename(checkpoint)
-        elif checkpoint and require_checkpoint:
-            raise FileNotFoundError(f"SAM checkpoint not found: {checkpoint} (see README: download the checkpoint)")
-        elif not checkpoint:  # inference / export: trained weights replace these next (and say so when loaded)
-            logger.info("%s built with random weights (no SAM checkpoint given)", model_size)
-        else:
-            logger.warning(
-                "No SAM checkpoint found%s: %s starts from RANDOM INITIALISATION. "
-                "Put the official checkpoint in models/ (README: 'Official checkpoints') to fine-tune SAM.",
-                f" at {checkpoint}" if checkpoint else "",
-                model_size,
-            )
-        check_lora_args(lora_rank, lora_alpha, lora_targets, trainable)
+        sam, self.initialisation = _initial_sam(model_size, image_size, sam_checkpoint, require_checkpoint, seed)
+        check_lora_args(lora_rank, lora_alpha, lora_targets, trainable_parts)
         self.lora_rank = lora_rank
         if lora_rank > 0:
-            self.sam = add_lora(sam, lora_rank, lora_alpha, lora_targets, trainable)
+            self.sam = add_lora(sam, lora_rank, lora_alpha, lora_targets, trainable_parts)
         else:
             for name, param in sam.named_parameters():
-                param.requires_grad = name.split(".")[0] in trainable
+                param.requires_grad = name.split(".")[0] in trainable_parts
             self.sam = sam
         if activation_checkpointing:
             checkpoint_blocks(self._sam.image_encoder)

@@ -12,17 +12,17 @@ from bundle.prompt_sampling import PromptSampler, evaluation_points, evaluation_
 
 
 class PromptSetsd(Randomizable, Transform):
-    """Synthesise ``n_sets`` prompt sets of varying quality per sample (online preference mining, step 1).
+    """Synthesise ``n_prompt_sets`` prompt sets of varying quality per sample (online preference mining, step 1).
 
     Reads ``label`` (G), ``target_inst`` and ``lookalike`` from :class:`bundle.transforms.task.TaskTargetd`;
-    writes ``points`` (n_sets, P, 2) and ``point_labels`` (n_sets, P), P = max_pos + max_neg. Seeded through
+    writes ``points`` (n_prompt_sets, P, 2) and ``point_labels`` (n_prompt_sets, P), P = max_pos + max_neg. Seeded through
     MONAI's ``set_determinism`` / data loader like every random MONAI transform.
     """
 
-    def __init__(self, n_sets: int = 4, max_pos: int = 3, max_neg: int = 3) -> None:
-        if n_sets < 2:
-            raise ValueError(f"n_sets must be >= 2 to mine preference pairs, got {n_sets}")
-        self.n_sets, self.max_pos, self.max_neg = n_sets, max_pos, max_neg
+    def __init__(self, n_prompt_sets: int = 4, max_pos: int = 3, max_neg: int = 3) -> None:
+        if n_prompt_sets < 2:
+            raise ValueError(f"n_prompt_sets must be >= 2 to mine preference pairs, got {n_prompt_sets}")
+        self.n_prompt_sets, self.max_pos, self.max_neg = n_prompt_sets, max_pos, max_neg
 
     def randomize(self, data=None) -> None:
         self._seed = int(self.R.randint(2**31))
@@ -31,7 +31,7 @@ class PromptSetsd(Randomizable, Transform):
         self.randomize()
         d = dict(data)
         sampler = PromptSampler(_np(d["label"])[0] > 0, _np(d["target_inst"])[0], _np(d["lookalike"])[0] > 0)
-        points, labels = sampler.prompt_sets(self.n_sets, np.random.default_rng(self._seed), self.max_pos, self.max_neg)
+        points, labels = sampler.prompt_sets(self.n_prompt_sets, np.random.default_rng(self._seed), self.max_pos, self.max_neg)
         d["points"], d["point_labels"] = torch.from_numpy(points), torch.from_numpy(labels)
         return d
 
