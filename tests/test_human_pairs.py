@@ -1,4 +1,4 @@
-"""Human preference pairs (bundle/human_pairs.py): the store's proposals and pairs, the clicks under which a pair is
+"""Human preference pairs (bundle/pair_store.py, bundle/human_pairs.py): the store's proposals and pairs, the clicks under which a pair is
 trained, the DPO + SUP term, and the trainer adding it beside SAMPO's simulated pairs."""
 
 import json
@@ -26,7 +26,7 @@ def _mask(size=(20, 30), box=(2, 10, 3, 12)):
 
 
 def test_a_saved_label_freezes_the_latest_proposal_and_an_unanswered_image_has_none(tmp_path):
-    from bundle.human_pairs import PairStore, attach_pairs
+    from bundle.pair_store import PairStore, attach_pairs
 
     store = PairStore(tmp_path / "pairs")
     a, b = _image(tmp_path / "a.png", 0), _image(tmp_path / "b.png", 1)
@@ -50,7 +50,7 @@ def test_a_saved_label_freezes_the_latest_proposal_and_an_unanswered_image_has_n
 
 
 def test_a_torn_write_or_a_changed_image_gives_no_pair(tmp_path, caplog):
-    from bundle.human_pairs import PairStore
+    from bundle.pair_store import PairStore
 
     store = PairStore(tmp_path / "pairs")
     a = _image(tmp_path / "a.png", 0)
@@ -67,7 +67,7 @@ def test_a_torn_write_or_a_changed_image_gives_no_pair(tmp_path, caplog):
 
 
 def test_concurrent_proposals_on_two_images_stay_with_their_image(tmp_path):
-    from bundle.human_pairs import PairStore
+    from bundle.pair_store import PairStore
 
     store = PairStore(tmp_path / "pairs")
     paths = {k: _image(tmp_path / f"{k}.png", i) for i, k in enumerate("ab")}

@@ -26,7 +26,7 @@ labelled images only (no synthetic set) and the request's ``max_epochs`` (also t
 logged parameter). Nothing to train on (no labelled image, or none left for training after ``val_split``) is
 answered 400, a bad ``max_epochs`` / ``val_split`` 422, each with the reason.
 
-Human preference pairs (bundle/human_pairs.py): every answered click on a datastore image (2D) records the proposed
+Human preference pairs (bundle/pair_store.py, bundle/human_pairs.py): every answered click on a datastore image (2D) records the proposed
 mask and its clicks in ``<datastore>/sampo_pairs/``; ``PUT /datastore/label?image=<id>`` (tag final) freezes the
 image's latest proposal as its pair (the answer says ``"human_pair": true``), a label for an image never answered
 is a plain label (``false``). The train task's datalist gives each paired item its ``proposal`` (copied into
@@ -92,7 +92,7 @@ class SAMPOTrainTask(BundleTrainTask):
     def __init__(self, path, conf, train_dir: str, pair_store=None):
         super().__init__(path, conf)
         self.train_dir = os.path.abspath(train_dir)
-        self.pair_store = pair_store  # bundle.human_pairs.PairStore of the datastore (None: no human pairs)
+        self.pair_store = pair_store  # bundle.pair_store.PairStore of the datastore (None: no human pairs)
         self._run = {}
 
     def config(self):
@@ -158,11 +158,11 @@ class SAMPOTrainTask(BundleTrainTask):
 
     def _fetch_datalist(self, request, datastore):
         """The datastore's labelled images; where the image has a frozen human pair, its ``proposal`` (copied into
-        the run folder) and ``clicks`` (bundle/human_pairs.py)."""
+        the run folder) and ``clicks`` (bundle/pair_store.py)."""
         items = super()._fetch_datalist(request, datastore)
         if self.pair_store is None or not _flag(self.bundle_config.get_parsed_content("human_pairs", default=False)):
             return items
-        from bundle.human_pairs import attach_pairs
+        from bundle.pair_store import attach_pairs
 
         ids = {os.path.realpath(datastore.get_image_uri(i)): i for i in datastore.list_images()}
         image_ids = [ids.get(os.path.realpath(item["image"]), "") for item in items]
@@ -274,7 +274,7 @@ def _checked_training(run_model):
 def _checked_label_save(save_label):
     """MONAI Label's ``save_label`` (``PUT /datastore/label``): the mask checked against its image first (404 for an
     unknown image, 422 for a mask that is not an image of the image's size: nothing is saved), and, for a final
-    label, the image's latest proposal frozen as its human preference pair (bundle/human_pairs.py)."""
+    label, the image's latest proposal frozen as its human preference pair (bundle/pair_store.py)."""
 
     def run(background_tasks, image, params="{}", tag="final", label=None, user=None):
         from monailabel.interfaces.utils.app import app_instance
@@ -335,7 +335,7 @@ class SAMPOApp(MONAILabelApp):
         self.model_name = conf.get("model_name", "sampo")
         self.pair_store = None
         if not studies.startswith(("http://", "https://")):  # a local datastore: human preference pairs beside it
-            from bundle.human_pairs import STORE_DIR, PairStore
+            from bundle.pair_store import STORE_DIR, PairStore
 
             self.pair_store = PairStore(os.path.join(studies, STORE_DIR))
         super().__init__(
