@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader
 from bundle.checkpoints import latest_checkpoint  # noqa: F401  (configs/train.yaml: bundle.engines.latest_checkpoint)
 from bundle.networks import PromptableSAM
 from bundle.networks.decoding import best_slot, upsample
+from bundle.reference_cache import ReferenceEmbeddingCache
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 LOGGED_TERMS = ("loss", "po1", "po2", "sup", "iou_head", "reward_margin", "preference_accuracy", "pairs", "focal",
@@ -233,9 +234,13 @@ def _to_float32(out: Any) -> Any:
     return out
 
 
-def decode_actor_and_reference(net, images, points, labels, size, extra=None):
+def decode_actor_and_reference(net, images, points, labels, size, extra=None, reference_cache=None):
     """The prompt sets decoded by the actor and by pi_ref (adapters off, no gradients), each encoding the images
     once: (actor low-res logits (B, N, M, h, w), actor predicted IoU (B, N, M), reference low-res logits).
+    All B x N prompt sets are decoded in one call per policy (no loop over images).
+
+    ``reference_cache``: a :class:`bundle.reference_cache.ReferenceEmbeddingCache` that serves pi_ref's image
+    embeddings of images it has seen (float16 copies); ``None``: the reference encodes the images every time.
 
     ``extra`` = (index (T,), points (T, 1, P', 2), labels (T, 1, P')): one more prompt set for the images ``index``
     (the human preference pairs of :mod:`bundle.human_pairs`), decoded from the same encodings; a fourth element
@@ -244,7 +249,7 @@ def decode_actor_and_reference(net, images, points, labels, size, extra=None):
     emb = net.encode(images)
     low, iou_pred = net.decode(emb, points, labels, input_size=size)
     with net.reference():
-        ref_emb = net.encode(images)
+        ref_emb = net.encode(images) if reference_cache is None else reference_cache.encode(net, images)
         ref_low, _ = net.decode(ref_emb, points, labels, input_size=size)
         if extra is not None:
             ref_extra, _ = net.decode(ref_emb[extra[0]], extra[1], extra[2], input_size=size)
@@ -264,20 +269,25 @@ class SAMPOTrainer(PromptTrainer):
         human_loss: a :class:`bundle.human_pairs.HumanPairLoss`: the batch's human preference pairs (items with
             :class:`bundle.human_pairs.HumanPaird`'s keys and ``human_pair`` 1) add its term to the loss, their
             prompt decoded as one more prompt set of the same encodings; ``None`` (default): SAMPO alone.
+        reference_cache: a :class:`bundle.reference_cache.ReferenceEmbeddingCache`: pi_ref's image embeddings
+            computed once per image and reused in later epochs (float16); ``None`` (default): encoded every batch.
     """
 
-    def __init__(self, *args, human_loss: torch.nn.Module | None = None, **kwargs) -> None:
+    def __init__(self, *args, human_loss: torch.nn.Module | None = None,
+                 reference_cache: ReferenceEmbeddingCache | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.human_loss = human_loss
+        self.reference_cache = reference_cache
 
     def compute_loss(self, images, targets, points, labels):
         size = tuple(targets.shape[-2:])
         human = None if self.human_loss is None else self.human_loss.prompts(self.state.batch, images.device)
         if human is None:
-            low, iou_pred, ref_low = self.network_pass(decode_actor_and_reference, images, points, labels, size)
+            low, iou_pred, ref_low = self.network_pass(decode_actor_and_reference, images, points, labels, size,
+                                                       reference_cache=self.reference_cache)
         else:
             low, iou_pred, ref_low, extra = self.network_pass(decode_actor_and_reference, images, points, labels,
-                                                              size, human.prompt)
+                                                              size, human.prompt, reference_cache=self.reference_cache)
         logits, ref_logits = upsample(low, size), upsample(ref_low, size)
         out = self.loss_function(logits, ref_logits, targets[:, 0], iou_pred)
         out.pop("iou", None)

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from bundle.engines import decode_actor_and_reference
 from bundle.networks.decoding import best_slot, upsample
 from bundle.pretraining import SingleObjectTrainer
+from bundle.reference_cache import ReferenceEmbeddingCache
 from bundle.virtual_annotator import RankedDPOLoss, VirtualAnnotator
 
 
@@ -41,10 +42,15 @@ class SemiSupervisedTrainer(SingleObjectTrainer):
         the rest: as :class:`bundle.pretraining.SingleObjectTrainer`; ``loss_function`` is the stage-1
             ``SingleObjectLoss``, ``label`` is G (B, 1, H, W), ``points`` / ``point_labels`` the N prompt sets of
             :class:`bundle.transforms.prompts.PromptSetsd`.
+        reference_cache: a :class:`bundle.reference_cache.ReferenceEmbeddingCache` for stage 2's reference (the
+            stage-1 model: the fold at the boundary changes the base, which drops entries computed before it);
+            ``None`` (default): encoded every batch.
     """
 
-    def __init__(self, *args, annotator: VirtualAnnotator, alignment_loss: RankedDPOLoss, **kwargs) -> None:
+    def __init__(self, *args, annotator: VirtualAnnotator, alignment_loss: RankedDPOLoss,
+                 reference_cache: ReferenceEmbeddingCache | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.reference_cache = reference_cache
         if annotator.rater != alignment_loss.rater:
             raise ValueError(f"the annotator rates with {annotator.rater!r} but the loss expects "
                              f"{alignment_loss.rater!r}: give both the same rater")
@@ -64,7 +70,8 @@ class SemiSupervisedTrainer(SingleObjectTrainer):
     def align(self, images, targets, points, labels):
         """Stage 2 on one batch: (the items' actor logits (B, N, H, W), loss terms)."""
         size = tuple(targets.shape[-2:])
-        low, iou_pred, ref_low = self.network_pass(decode_actor_and_reference, images, points, labels, size)
+        low, iou_pred, ref_low = self.network_pass(decode_actor_and_reference, images, points, labels, size,
+                                                   reference_cache=self.reference_cache)
         chosen = iou_pred.detach()
         logits = upsample(best_slot(low, chosen), size)
         ref_logits = upsample(best_slot(ref_low, chosen), size)
