@@ -1,6 +1,8 @@
 """Run by ``tests/test_distributed.py`` under torchrun (gloo, CPU): two SAMPO trainer steps of the tiny network on
 this rank's share of fixed batches, through DDP, once with the SUP + IoU-head objective and once with the full SAMPO
-loss; writes this rank's trained parameters to ``<out>/<objective>_rank<r>.pt``."""
+loss; writes this rank's trained parameters to ``<out>/<objective>_rank<r>.pt``. Then two epochs of the full loss
+with and without the reference-embedding cache (``sampo2`` / ``sampo2_cached``; the cached run also saves its
+cache's hit / miss counts under ``_cache``)."""
 
 import os
 import sys
@@ -26,8 +28,8 @@ def union_batches() -> list[dict]:
     return out
 
 
-def train(batches: list[dict], objective: str, **kwargs) -> dict:
-    """The trained parameters after one epoch over ``batches`` (SGD, tiny network, seeded)."""
+def train(batches: list[dict], objective: str, epochs: int = 1, **kwargs) -> dict:
+    """The trained parameters after ``epochs`` epochs over ``batches`` (SGD, tiny network, seeded)."""
     from bundle.engines import SAMPOTrainer
     from bundle.networks import PromptableSAM
     from bundle.preference import SAMPOLoss
@@ -41,7 +43,7 @@ def train(batches: list[dict], objective: str, **kwargs) -> dict:
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
     loss = SAMPOLoss(use_po1=objective == "sampo", use_po2=objective == "sampo")
     if batches:
-        SAMPOTrainer("cpu", 1, batches, net, opt, loss, decollate=False, **kwargs).run()
+        SAMPOTrainer("cpu", epochs, batches, net, opt, loss, decollate=False, **kwargs).run()
     return {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
 
 
@@ -54,6 +56,13 @@ def main(out: str) -> None:
     mine = [{k: v[r * share:(r + 1) * share] for k, v in b.items()} for b in union_batches()]
     for objective in ("sup", "sampo"):
         torch.save(train(mine, objective, distributed=True), os.path.join(out, f"{objective}_rank{r}.pt"))
+    from bundle.reference_cache import ReferenceEmbeddingCache
+
+    cache = ReferenceEmbeddingCache()
+    cached = train(mine, "sampo", 2, distributed=True, reference_cache=cache)
+    cached["_cache"] = torch.tensor([cache.hits, cache.misses])
+    torch.save(cached, os.path.join(out, f"sampo2_cached_rank{r}.pt"))
+    torch.save(train(mine, "sampo", 2, distributed=True), os.path.join(out, f"sampo2_rank{r}.pt"))
     distributed.finalize()
 
 

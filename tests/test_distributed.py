@@ -58,6 +58,15 @@ def test_two_ranks_step_together_and_equal_one_process_on_the_union(tmp_path):
     assert any(not torch.allclose(single[n], start[n]) for n in single), "training did not move the weights"
     for n in single:
         torch.testing.assert_close(ddp[n], single[n], rtol=1e-4, atol=1e-5, msg=n)
+    # the reference-embedding cache through the DDP wrap: each rank caches its own images (epoch 2 served from it,
+    # STEPS batches x 2 images per rank), the ranks stay equal, and the run equals the uncached one within float16
+    # rounding of the reference embedding (tests/test_reference_cache.py)
+    for r in (0, 1):
+        cached = torch.load(tmp_path / f"sampo2_cached_rank{r}.pt")
+        assert cached.pop("_cache").tolist() == [4, 4]
+        plain = torch.load(tmp_path / f"sampo2_rank{r}.pt")
+        for n in plain:
+            torch.testing.assert_close(cached[n], plain[n], rtol=1e-3, atol=1e-6, msg=f"cached rank {r}: {n}")
 
 
 def _bundle_args(root, *extra):
