@@ -4,6 +4,7 @@
     python scripts/benchmark.py --sizes small --options fp32 amp checkpointing --image_size 256 --write docs/benchmarks.md
     python scripts/benchmark.py --objective pretraining --sizes small --batch 8 --n_sets 4 --image_size 256
     python scripts/benchmark.py --clicks --sizes tiny small vit_b --repeats 20 --write docs/benchmarks.md
+    python scripts/benchmark.py --compare --sizes small --image_size 256 --batch 4 --n_sets 4 --write docs/benchmarks.md
 
 Each size runs in its own process so that peak memory (max RSS) is its own. A training step is one SAMPO
 iteration (actor + reference encode, N prompt sets decoded per image, loss, backward, AdamW step) on random
@@ -15,8 +16,13 @@ activation checkpointing of the encoder blocks, each in its own process (so peak
 gives the step time relative to fp32; the forward column is always the plain float32 forward. With ``--clicks`` it times interactive use
 instead (bundle/predictor.py, merged network as served): the first click on an image (``set_image`` of an image
 not cached: encode + decode) and a click on an image already set (cache hit: content hash + decode only), the
-click-to-mask latency MONAI Label's infer task adds to loading the image. Numbers are medians over the timed
-repeats after one warm-up.
+click-to-mask latency MONAI Label's infer task adds to loading the image. With ``--compare`` it times, in one
+process and interleaved (A B C D A B C D ..., so that load from other processes hits every variant alike), the SAMPO
+step with the reference-embedding cache off and on (warm: every image already cached), a plain supervised LoRA step
+(what a SAMed user runs: one prompt set per image, BCE + Dice on the best predicted-IoU slot, same network, batch
+and optimiser) and the floor of the SAMPO step, the two image encoder passes alone (actor forward + backward of the
+embedding's sum, reference forward without gradients); it reports the ratios and the share of the SAMPO step spent
+outside the two encoder passes. Numbers are medians over the timed repeats after one warm-up.
 """
 
 from __future__ import annotations
@@ -149,6 +155,132 @@ def measure_clicks(size: str, repeats: int, image_size: int) -> dict:
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+COMPARED = ("sampo", "sampo_cached", "supervised", "floor")
+TARGETS = {"outside": 0.10, "cached": 1.10, "uncached": 1.35}  # issue 12: share outside the encoders, SAMPO / sup
+
+
+def measure_compare(size: str, batch: int, n_sets: int, repeats: int, image_size: int) -> dict:
+    """Median seconds of the four steps of ``--compare`` (module docstring), timed interleaved in this process."""
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, REPO)
+    from bundle.engines import SAMPOTrainer
+    from bundle.networks import PromptableSAM
+    from bundle.networks.decoding import best_slot, upsample
+    from bundle.preference import SAMPOLoss
+    from bundle.pretraining import dice_loss
+    from bundle.reference_cache import ReferenceEmbeddingCache
+
+    torch.manual_seed(0)
+    net = PromptableSAM(size, image_size, lora_rank=64 if size != "tiny" else 4)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=3e-4)
+    images = torch.rand(batch, 3, image_size, image_size)
+    target = (torch.rand(batch, 1, image_size, image_size) > 0.7).float()
+    points = torch.rand(batch, n_sets, 6, 2) * image_size
+    labels = torch.randint(0, 2, (batch, n_sets, 6))
+    labels[..., 0] = 1
+    batchdata = {"image": images, "label": target, "points": points, "point_labels": labels}
+    size_hw = (image_size, image_size)
+    cache = ReferenceEmbeddingCache()
+    plain = SAMPOTrainer("cpu", 1, [batchdata], net, opt, SAMPOLoss(), decollate=False)
+    cached = SAMPOTrainer("cpu", 1, [batchdata], net, opt, SAMPOLoss(), decollate=False, reference_cache=cache)
+    parts = {"actor_encoder_s": [], "reference_encoder_s": []}
+
+    def supervised():  # one prompt set per image, BCE + Dice on the best predicted-IoU slot, AdamW step
+        net.train()
+        opt.zero_grad()
+        low, iou = net.decode(net.encode(images), points[:, :1], labels[:, :1], input_size=size_hw)
+        z = upsample(best_slot(low, iou.detach()), size_hw)[:, 0]
+        loss = F.binary_cross_entropy_with_logits(z, target[:, 0]) + dice_loss(z, target[:, 0]).mean()
+        loss.backward()
+        opt.step()
+
+    def floor():  # the two encoder passes of a SAMPO step and nothing else
+        net.train()
+        opt.zero_grad()
+        t = time.perf_counter()
+        net.encode(images).sum().backward()
+        parts["actor_encoder_s"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        with net.reference():
+            net.encode(images)
+        parts["reference_encoder_s"].append(time.perf_counter() - t)
+
+    steps = {"sampo": lambda: plain._iteration(plain, batchdata),
+             "sampo_cached": lambda: cached._iteration(cached, batchdata),
+             "supervised": supervised, "floor": floor}
+    for fn in steps.values():  # warm-up; fills the cache
+        fn()
+    assert cache.misses == batch, "the reference cache did not take the batch"
+    for values in parts.values():
+        values.clear()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    out = {f"{name}_s": statistics.median(v) for name, v in times.items()}
+    out.update({name: statistics.median(v) for name, v in parts.items()})
+    out["cache_hits"] = cache.hits
+    return out
+
+
+def compare_ratios(r: dict) -> dict:
+    """The ratios ``--compare`` reports from the medians of :func:`measure_compare`."""
+    return {
+        "sampo_over_supervised": r["sampo_s"] / r["supervised_s"],
+        "sampo_cached_over_supervised": r["sampo_cached_s"] / r["supervised_s"],
+        "sampo_over_floor": r["sampo_s"] / r["floor_s"],
+        "outside_encoders": (r["sampo_s"] - r["floor_s"]) / r["sampo_s"],
+        "cached_outside_actor_encoder": (r["sampo_cached_s"] - r["actor_encoder_s"]) / r["sampo_cached_s"],
+    }
+
+
+def compare_section(size: str, image_size: int) -> str:
+    return f"## SAMPO step against supervised fine-tuning ({size}, {image_size} px)"
+
+
+def compare_text(args, size: str, r: dict, load_before: float, load_after: float) -> str:
+    import torch
+
+    q = compare_ratios(r)
+    met = lambda ok: "met" if ok else "**not met**"  # noqa: E731
+    command = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} python scripts/benchmark.py --compare "
+               f"--sizes {size} --image_size {args.image_size} --batch {args.batch} --n_sets {args.n_sets} "
+               f"--repeats {args.repeats}")
+    lines = [
+        f"Measured with `{command}` on {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"torch {torch.__version__}, load average {load_before:.1f} before and {load_after:.1f} after "
+        f"({time.strftime('%Y-%m-%d %H:%M')}); random weights, lora_rank {64 if size != 'tiny' else 4}, float32. "
+        f"The four steps ran interleaved in one process, medians of {args.repeats} each after one warm-up.",
+        "",
+        f"| step, batch {args.batch} | median (s) | / supervised | / floor |",
+        "|---|---|---|---|",
+    ]
+    rows = [("SAMPO, reference cache off", r["sampo_s"]),
+            ("SAMPO, reference cache on (warm)", r["sampo_cached_s"]),
+            ("supervised LoRA: 1 prompt set per image, BCE + Dice on the best slot", r["supervised_s"]),
+            ("floor: actor encoder forward + backward, reference encoder forward", r["floor_s"]),
+            ("of which the actor encoder forward + backward", r["actor_encoder_s"]),
+            ("of which the reference encoder forward (no grad)", r["reference_encoder_s"])]
+    for name, value in rows:
+        lines.append(f"| {name} | {value:.3f} | {value / r['supervised_s']:.2f} | {value / r['floor_s']:.2f} |")
+    lines += [
+        "",
+        f"- SAMPO ({args.n_sets} prompt sets per image) / supervised: **{q['sampo_over_supervised']:.2f}** without the "
+        f"cache (target <= {TARGETS['uncached']:.2f}: {met(q['sampo_over_supervised'] <= TARGETS['uncached'])}), "
+        f"**{q['sampo_cached_over_supervised']:.2f}** with it (target <= {TARGETS['cached']:.2f}: "
+        f"{met(q['sampo_cached_over_supervised'] <= TARGETS['cached'])}).",
+        f"- SAMPO / floor: **{q['sampo_over_floor']:.2f}**; share of the SAMPO step outside the two encoder passes, "
+        f"(SAMPO - floor) / SAMPO: **{100 * q['outside_encoders']:.1f} %** (target <= {100 * TARGETS['outside']:.0f} "
+        f"%: {met(q['outside_encoders'] <= TARGETS['outside'])}); with the cache, outside the actor's encoder pass: "
+        f"{100 * q['cached_outside_actor_encoder']:.1f} %.",
+    ]
+    return "\n".join(lines)
+
+
 def clicks_section() -> str:
     """The benchmarks.md heading of a click-latency table (one per thread count)."""
     return f"## Click latency (embedding cache), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
@@ -206,6 +338,9 @@ def main(argv=None):
     parser.add_argument("--option", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--clicks", action="store_true",
                         help="time interactive clicks (first click vs cached embedding) instead of training")
+    parser.add_argument("--compare", action="store_true",
+                        help="one process per size: SAMPO step with the reference cache off / on vs a supervised "
+                             "LoRA step vs the two encoder passes, interleaved; ratios")
     parser.add_argument("--write", help="markdown file to write the table to")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -215,6 +350,17 @@ def main(argv=None):
     if args._child:
         print(json.dumps(measure(args._child, args.batch, args.n_sets, args.repeats, args.image_size, args.objective,
                                  args.correction_rounds, args.loss_size, args.option)))
+        return
+    if args.compare:
+        for size in args.sizes:
+            load_before = os.getloadavg()[0]
+            result = measure_compare(size, args.batch, args.n_sets, args.repeats, args.image_size)
+            print(f"{size}: {json.dumps({k: round(v, 6) for k, v in {**result, **compare_ratios(result)}.items()})}",
+                  flush=True)
+            text = compare_text(args, size, result, load_before, os.getloadavg()[0])
+            print(text)
+            if args.write:
+                write_section(args.write, compare_section(size, args.image_size), text)
         return
     rows, load_before = [], os.getloadavg()[0]
     options = ["fp32"] if args.clicks else args.options

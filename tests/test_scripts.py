@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from bundle.data.synthetic import make_dataset
@@ -64,3 +65,33 @@ def test_benchmark_clicks_writes_its_section_and_keeps_the_rest(tmp_path):
     first, warm = (float(c) for c in row.strip("|").split("|")[1:3])
     assert first > 0 and warm > 0
     assert "python scripts/benchmark.py --clicks --sizes tiny --repeats 2 --image_size 64" in text
+
+
+def test_benchmark_compare_times_the_four_steps_in_one_process_and_writes_the_ratios(tmp_path):
+    import json
+    import re
+
+    doc = tmp_path / "bench.md"
+    doc.write_text("# Benchmarks\n\n## Click latency\n\nkept\n", encoding="utf-8")
+    proc = _run(REPO / "scripts" / "benchmark.py", "--compare", "--sizes", "tiny", "--batch", 2, "--n_sets", 2,
+                "--repeats", 1, "--image_size", 64, "--write", doc)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for printed in ("sampo_over_supervised", "sampo_cached_over_supervised", "sampo_over_floor", "outside_encoders"):
+        assert f'"{printed}": ' in proc.stdout
+    text = doc.read_text(encoding="utf-8")
+    assert "## Click latency\n\nkept\n" in text and text.count("## SAMPO step against supervised fine-tuning (tiny, 64 px)") == 1
+    assert "python scripts/benchmark.py --compare --sizes tiny --image_size 64 --batch 2 --n_sets 2 --repeats 1" in text
+    assert re.search(r"load average \d+\.\d before and \d+\.\d after", text)
+    rows = {c[0]: [float(x) for x in c[1:]] for c in
+            ([x.strip() for x in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| "))
+            if c[0] != "step, batch 2" and not c[0].startswith("---")}
+    assert len(rows) == 6 and all(v[0] > 0 for v in rows.values())
+    supervised = rows["supervised LoRA: 1 prompt set per image, BCE + Dice on the best slot"]
+    assert supervised[1] == 1.0  # the column of ratios is against it
+    measured = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("tiny: "))[6:])
+    assert rows["SAMPO, reference cache off"][0] == pytest.approx(measured["sampo_s"], abs=6e-4)
+    assert measured["outside_encoders"] == pytest.approx(1 - measured["floor_s"] / measured["sampo_s"], abs=1e-3)
+    share = float(re.search(r"\(SAMPO - floor\) / SAMPO: \*\*(-?[\d.]+) %\*\*", text).group(1))
+    assert share == pytest.approx(100 * measured["outside_encoders"], abs=0.06)
+    assert measured["cache_hits"] == 2  # warm: the timed SAMPO step with the cache served both images from it
+    assert re.search(r"/ supervised: \*\*[\d.]+\*\* without the cache \(target <= 1\.35: (met|\*\*not met\*\*)\)", text)
