@@ -66,7 +66,7 @@ def test_two_ranks_step_together_and_equal_one_process_on_the_union(tmp_path):
         assert cached.pop("_cache").tolist() == [4, 4]
         plain = torch.load(tmp_path / f"sampo2_rank{r}.pt")
         for n in plain:
-            torch.testing.assert_close(cached[n], plain[n], rtol=1e-3, atol=1e-6, msg=f"cached rank {r}: {n}")
+            torch.testing.assert_close(cached[n], plain[n], rtol=1e-4, atol=1e-6, msg=f"cached rank {r}: {n}")
 
 
 def _bundle_args(root, *extra):
