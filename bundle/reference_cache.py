@@ -23,7 +23,8 @@ Cache contract:
   the cache;
 * bounded: at most ``max_mib`` MiB in memory, least recently used first out. One entry is D x h x w x 2 bytes,
   h = w = image_size / 16: 256 x 14 x 14 x 2 = 98 KiB for ViT-B at 224 px (4096 MiB: about 42,000 images),
-  256 x 16 x 16 x 2 = 128 KiB at 256 px, 2 MiB at SAM's 1024 px (about 2,000 images);
+  128 x 16 x 16 x 2 = 64 KiB for the testbed's small SAM at 256 px, 2 MiB for ViT-B at SAM's 1024 px (about 2,000
+  images). The first entry's size and how many fit are logged;
 * optionally on disk (``cache_dir``): one ``.npy`` per entry under a folder named by a sha1 of the reference
   encoder's weights, the model size and the image size (computed when the weights fingerprint changes: one pass
   over the encoder weights), so another base, a folded stage 2 or another image size never reads these files.
@@ -123,7 +124,7 @@ class ReferenceEmbeddingCache:
         self._bytes = 0
         self._fingerprint: int | None = None
         self._folder: str | None = None
-        self._announced = False
+        self._announced = self._sized = False
         self.hits = self.misses = self.encoded_batches = 0
 
     def __len__(self) -> int:
@@ -165,7 +166,8 @@ class ReferenceEmbeddingCache:
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         dtype = torch.float32 if tag == "float32" else getattr(torch, tag)
-        return torch.stack(found).to(images.device, dtype)
+        with torch.autocast(images.device.type, enabled=False):  # CPU autocast refuses float16 in stack
+            return torch.stack(found).to(images.device, dtype)
 
     # -- entries -----------------------------------------------------------------------------------------------------
     def _check_weights(self, network: nn.Module) -> None:
@@ -207,6 +209,10 @@ class ReferenceEmbeddingCache:
         if self._folder is not None and write:
             save_npy(emb.numpy(), self._path(key))
         size = emb.numel() * emb.element_size()
+        if not self._sized:
+            logger.info("reference embedding cache: %.0f KiB per image (%s float16): %d images fit in max_mib %.0f",
+                        size / 2**10, " x ".join(map(str, emb.shape)), self.max_bytes // size, self.max_bytes / 2**20)
+            self._sized = True
         if size > self.max_bytes:
             return
         self._items[key] = emb

@@ -160,6 +160,28 @@ def test_the_disk_folder_serves_another_process_and_memory_stays_within_max_mib(
     assert len(small) == 1 and small.nbytes == entry  # the least recently used went out
 
 
+def test_autocast_embeddings_are_entries_of_their_own_and_come_back_in_the_autocast_dtype(caplog):
+    from bundle.reference_cache import ReferenceEmbeddingCache
+
+    net, cache, images = _net(), ReferenceEmbeddingCache(), _batches()[0]["image"]
+    with caplog.at_level(logging.INFO, logger="bundle.reference_cache"), net.reference():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = cache.encode(net, images)
+        full = cache.encode(net, images)
+    assert mixed.dtype == torch.bfloat16 and full.dtype == torch.float32
+    assert (cache.misses, cache.encoded_batches, len(cache)) == (4, 2, 4)  # no float32 step gets a bf16 embedding
+    assert "reference embedding cache: 1 KiB per image (32 x 4 x 4 float16)" in caplog.text
+    # and through the trainer's mixed precision (network_pass under autocast): epoch 2 served from the cache
+    from bundle.engines import SAMPOTrainer
+    from bundle.preference import SAMPOLoss
+
+    cache = ReferenceEmbeddingCache()
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.05)
+    SAMPOTrainer("cpu", 2, _batches()[:1], net, opt, SAMPOLoss(), decollate=False, amp=True, amp_dtype="bfloat16",
+                 reference_cache=cache).run()
+    assert (cache.misses, cache.hits) == (2, 2)
+
+
 def test_random_augmentation_bypasses_the_cache_with_one_log_line(caplog, monkeypatch):
     import bundle.reference_cache as rc
 
