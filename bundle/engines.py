@@ -6,7 +6,8 @@ preference objective.
 
 One iteration, for a batch of images with N prompt sets each (METHOD.md):
 
-1. the actor encodes every image once (LoRA on); the reference encodes them once (adapters off, no grad);
+1. the actor encodes every image once (LoRA on); the reference encodes them once (adapters off, no grad), or
+   serves an image it has seen from its ``reference_cache`` (:mod:`bundle.reference_cache`, float16 copies);
 2. the B x N prompt sets go through prompt encoder + mask decoder, M = 3 masks each, for the actor and for the
    reference, each set with exactly its clicks plus SAM's padding point (:mod:`bundle.networks.decoding`);
 3. :class:`bundle.preference.SAMPOLoss` mines inter- and intra-prompt pairs and returns the hybrid loss, its
