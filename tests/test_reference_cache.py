@@ -81,12 +81,9 @@ def test_training_with_the_cache_equals_training_without_it_within_float16_round
 
 
 def test_later_epochs_never_call_the_reference_encoder_and_the_cached_embedding_is_a_fresh_encode():
-    from bundle.reference_cache import ReferenceEmbeddingCache
-
-    from ignite.engine import Events
-
     from bundle.engines import SAMPOTrainer
     from bundle.preference import SAMPOLoss
+    from bundle.reference_cache import ReferenceEmbeddingCache
 
     torch.manual_seed(0)
     net = _net()

@@ -79,7 +79,8 @@ def test_benchmark_compare_times_the_four_steps_in_one_process_and_writes_the_ra
     for printed in ("sampo_over_supervised", "sampo_cached_over_supervised", "sampo_over_floor", "outside_encoders"):
         assert f'"{printed}": ' in proc.stdout
     text = doc.read_text(encoding="utf-8")
-    assert "## Click latency\n\nkept\n" in text and text.count("## SAMPO step against supervised fine-tuning (tiny, 64 px)") == 1
+    assert "## Click latency\n\nkept\n" in text
+    assert text.count("## SAMPO step against supervised fine-tuning (tiny, 64 px)") == 1
     assert "python scripts/benchmark.py --compare --sizes tiny --image_size 64 --batch 2 --n_sets 2 --repeats 1" in text
     assert re.search(r"load average \d+\.\d before and \d+\.\d after", text)
     rows = {c[0]: [float(x) for x in c[1:]] for c in
