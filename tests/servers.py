@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -61,3 +62,19 @@ def serve(name: str, command: Callable[[int], list[str]], health: str, log: Path
             yield url, proc
         finally:
             _stop(proc)
+
+
+@contextlib.contextmanager
+def serve_mlflow(folder: Path) -> Iterator[str]:
+    """A real MLflow tracking + registry server on 127.0.0.1 with its sqlite store and artifacts in ``folder``;
+    yields its URL."""
+    folder = Path(folder)
+
+    def command(port):
+        return [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+                "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"]
+
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
+    with serve("mlflow", command, "/health", folder / "mlflow.log", folder, env) as (url, _):
+        yield url

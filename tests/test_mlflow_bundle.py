@@ -12,20 +12,14 @@ import pytest
 import torch
 
 from conftest import REPO
-from servers import serve
+from servers import serve_mlflow
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    def command(port):
-        return [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-                "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"]
-
-    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
-    with serve("mlflow", command, "/health", tmp_path / "mlflow.log", tmp_path, env) as (url, _):
+    with serve_mlflow(tmp_path) as url:
         yield url
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from servers import serve
+from servers import serve_mlflow
 
 pytestmark = pytest.mark.slow
 
@@ -25,14 +25,7 @@ NAME = "sampo_registry_test"
 def registry(tmp_path_factory):
     """A real MLflow server and one tiny training registered in it as version 1 of NAME."""
     tmp = tmp_path_factory.mktemp("registry")
-
-    def command(port):
-        return [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-                "--artifacts-destination", str(tmp / "artifacts"), "--workers", "1"]
-
-    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
-    with serve("mlflow", command, "/health", tmp / "mlflow.log", tmp, env) as (url, _):
+    with serve_mlflow(tmp) as url:
         root = tmp / "sampo"
         shutil.copytree(REPO / "configs", root / "configs")
         cmd = [sys.executable, "-m", "monai.bundle", "run", "training",
@@ -41,8 +34,9 @@ def registry(tmp_path_factory):
                "--batch_size", "2", "--n_prompt_sets", "2", "--synthetic", "{'n_train': 2, 'n_val': 2, 'n_test': 1}",
                "--tracking_uri", url, "--experiment_name", "registry_test", "--registered_model_name", NAME,
                "--num_threads", "1"]
+        env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
         r = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, encoding="utf-8", errors="replace",
-                           timeout=1200, env=dict(env, PYTHONPATH=str(REPO)))
+                           timeout=1200, env=env)
         assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-5000:])
         yield {"url": url, "root": root, "tmp": tmp, "log": r.stdout + r.stderr}
 
