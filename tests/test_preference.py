@@ -22,6 +22,19 @@ def test_bernoulli_log_likelihood_by_hand():
         bernoulli_log_likelihood(z, y, "max")
 
 
+def test_bernoulli_log_likelihood_equals_the_two_log_sigmoids_and_their_gradient_at_extreme_logits():
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(2, 3, 8, 8, generator=g) * 30).requires_grad_()  # |z| up to ~100: saturated sigmoids
+    y = torch.rand(2, 3, 8, 8, generator=g) > 0.5
+    ll = bernoulli_log_likelihood(z, y, "mean")
+    yf = y.float()
+    ref = (yf * torch.nn.functional.logsigmoid(z) + (1 - yf) * torch.nn.functional.logsigmoid(-z)).flatten(-2).mean(-1)
+    assert torch.isfinite(ll).all() and torch.allclose(ll, ref, rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(ll.sum(), z)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), z)
+    assert torch.allclose(grad, ref_grad, rtol=1e-5, atol=1e-8)
+
+
 def test_batched_overlap_by_hand():
     a = torch.tensor([[1, 1], [0, 0]]).bool()
     g = torch.tensor([[1, 0], [1, 0]]).bool()
