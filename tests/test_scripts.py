@@ -96,3 +96,24 @@ def test_benchmark_compare_times_the_four_steps_in_one_process_and_writes_the_ra
     assert share == pytest.approx(100 * measured["outside_encoders"], abs=0.06)
     assert measured["cache_hits"] == 2  # warm: the timed SAMPO step with the cache served both images from it
     assert re.search(r"/ supervised: \*\*[\d.]+\*\* without the cache \(target <= 1\.35: (met|\*\*not met\*\*)\)", text)
+
+
+def test_training_terms_reads_early_and_late_means_from_the_runs_mlflow_stores(tmp_path):
+    import mlflow
+
+    for seed, offset in ((0, 0.0), (1, 1.0)):
+        folder = tmp_path / "consep_t1" / "f10" / "sampo" / f"seed{seed}" / "eval"
+        folder.mkdir(parents=True)
+        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+        run = client.create_run(client.create_experiment("sampo"), run_name=f"seed{seed}")
+        for step in range(1, 11):  # reward_margin = step + offset: first 3 mean 2 + offset, last 3 mean 9 + offset
+            client.log_metric(run.info.run_id, "reward_margin", step + offset, step=step)
+        client.set_terminated(run.info.run_id)
+    r = _run("scripts/training_terms.py", "--runs", str(tmp_path), "--task", "consep_t1", "--methods", "sampo",
+             "--seeds", "0", "1", "--steps", "3")
+    assert r.returncode == 0, r.stderr
+    row = next(line for line in r.stdout.splitlines() if line.startswith("| consep_t1 | sampo"))
+    assert row.split(" | ")[2] == "2.500 / 9.500"  # mean over the two seeds
+    assert "of 10 iterations" in r.stdout
+    missing = _run("scripts/training_terms.py", "--runs", str(tmp_path), "--methods", "supervised")
+    assert missing.returncode == 2 and "supervised/seed0/eval/mlflow.db" in missing.stderr
