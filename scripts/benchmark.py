@@ -310,7 +310,7 @@ def clicks_table(args, rows, load_before: float) -> list[str]:
         f"{os.getloadavg()[0]:.1f} after "
         f"({time.strftime('%Y-%m-%d')}); random weights, merged (lora_rank 0) as served.",
         "",
-        f"| SAM size | first click: encode + decode (ms) | warm click: cached embedding, decode only (ms) | speed-up |",
+        "| SAM size | first click: encode + decode (ms) | warm click: cached embedding, decode only (ms) | speed-up |",
         "|---|---|---|---|",
         *[f"| {size} | {r['first_click_s'] * 1e3:.1f} | {r['warm_click_s'] * 1e3:.1f} "
           f"| {r['first_click_s'] / r['warm_click_s']:.0f}x |" for size, r in rows],
@@ -322,7 +322,7 @@ def clicks_table(args, rows, load_before: float) -> list[str]:
     ]
 
 
-def main(argv=None):
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["tiny", "vit_b"])
     parser.add_argument("--batch", type=int, default=4)
@@ -343,25 +343,24 @@ def main(argv=None):
                              "LoRA step vs the two encoder passes, interleaved; ratios")
     parser.add_argument("--write", help="markdown file to write the table to")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args._child and args.clicks:
-        print(json.dumps(measure_clicks(args._child, args.repeats, args.image_size)))
-        return
-    if args._child:
-        print(json.dumps(measure(args._child, args.batch, args.n_sets, args.repeats, args.image_size, args.objective,
-                                 args.correction_rounds, args.loss_size, args.option)))
-        return
-    if args.compare:
-        for size in args.sizes:
-            load_before = os.getloadavg()[0]
-            result = measure_compare(size, args.batch, args.n_sets, args.repeats, args.image_size)
-            print(f"{size}: {json.dumps({k: round(v, 6) for k, v in {**result, **compare_ratios(result)}.items()})}",
-                  flush=True)
-            text = compare_text(args, size, result, load_before, os.getloadavg()[0])
-            print(text)
-            if args.write:
-                write_section(args.write, compare_section(size, args.image_size), text)
-        return
+    return parser
+
+
+def run_compare(args) -> None:
+    """--compare: per size, the four steps interleaved in this process; the ratios printed and written."""
+    for size in args.sizes:
+        load_before = os.getloadavg()[0]
+        result = measure_compare(size, args.batch, args.n_sets, args.repeats, args.image_size)
+        print(f"{size}: {json.dumps({k: round(v, 6) for k, v in {**result, **compare_ratios(result)}.items()})}",
+              flush=True)
+        text = compare_text(args, size, result, load_before, os.getloadavg()[0])
+        print(text)
+        if args.write:
+            write_section(args.write, compare_section(size, args.image_size), text)
+
+
+def run_children(args) -> tuple[list, float]:
+    """One child process per size (and option), so that peak memory is its own: (rows, load average before)."""
     rows, load_before = [], os.getloadavg()[0]
     options = ["fp32"] if args.clicks else args.options
     for size, option in [(size, option) for size in args.sizes for option in options]:
@@ -374,12 +373,11 @@ def main(argv=None):
         result = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append((size, result) if args.clicks else (size, option, result))
         print(f"{size} {option}: {json.dumps({k: round(v, 3) for k, v in result.items()})}", flush=True)
-    if args.clicks:
-        text = "\n".join(clicks_table(args, rows, load_before))
-        print(text)
-        if args.write:
-            write_section(args.write, clicks_section(), text)
-        return
+    return rows, load_before
+
+
+def step_table(args, rows) -> str:
+    """The training-step table (per size and option) with its command line."""
     import torch
 
     table = [
@@ -409,10 +407,25 @@ def main(argv=None):
               "gradient and two AdamW moments per trainable parameter, and the activations autograd saves for the "
               "backward pass (counted once per storage; bfloat16 under amp; only the block inputs with "
               "checkpointing). Add the CUDA context (about 300-500 MiB) and allocator slack."]
-    text = "\n".join(table)
-    print(text)
-    if args.write:
-        write_section(args.write, f"## Training step ({args.objective})", text)
+    return "\n".join(table)
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    if args._child and args.clicks:
+        print(json.dumps(measure_clicks(args._child, args.repeats, args.image_size)))
+    elif args._child:
+        print(json.dumps(measure(args._child, args.batch, args.n_sets, args.repeats, args.image_size, args.objective,
+                                 args.correction_rounds, args.loss_size, args.option)))
+    elif args.compare:
+        run_compare(args)
+    else:
+        rows, load_before = run_children(args)
+        text = "\n".join(clicks_table(args, rows, load_before)) if args.clicks else step_table(args, rows)
+        print(text)
+        if args.write:
+            title = clicks_section() if args.clicks else f"## Training step ({args.objective})"
+            write_section(args.write, title, text)
 
 
 if __name__ == "__main__":
