@@ -31,7 +31,7 @@ def bernoulli_log_likelihood(logits: torch.Tensor, masks: torch.Tensor, reductio
 
     Computed as -BCE-with-logits(z, y), the same quantity in one fused, numerically stable op (two log-sigmoids and
     their products took a third of the small model's SAMPO step; docs/benchmarks.md)."""
-    y = masks.to(logits.dtype)
+    logits, y = torch.broadcast_tensors(logits, masks.to(logits.dtype))  # (one mask against M candidates, ...)
     ll = -F.binary_cross_entropy_with_logits(logits, y, reduction="none").flatten(-2)
     if reduction == "mean":
         return ll.mean(-1)

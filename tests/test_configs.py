@@ -114,3 +114,25 @@ def test_more_than_100_params_are_all_logged(tmp_path):
     engine.run([0], max_epochs=1)  # MONAI logs them in one log_batch; a store takes at most 100 per batch
     run = mlflow.tracking.MlflowClient(uri).search_runs([handler.experiment.experiment_id])[0]
     assert {k: int(v) for k, v in run.data.params.items() if k.startswith("p")} == params
+
+
+@pytest.mark.parametrize("device, pinned", [("cpu", False), ("cuda:0", True)])
+def test_gpu_runs_pin_batches_and_copy_them_without_blocking(tmp_path, device, pinned):
+    """Every loader of a training / evaluation config pins its batches, and every engine copies them with
+    non_blocking, exactly when the device is a GPU (parsed, not run: no GPU here)."""
+    import torch
+
+    for files, loaders, engines in (
+        (("train.yaml",), ("train#dataloader", "validate#dataloader"), ("train#trainer", "validate#evaluator")),
+        (("train.yaml", "pretrain.yaml"), ("base_eval#dataloader",), ("pretrain#trainer", "base_eval#evaluator")),
+        (("train.yaml", "semi_supervised.yaml"), ("semi#unlabelled_dataloader",), ("semi#trainer",)),
+        (("train.yaml", "evaluate.yaml"), ("evaluate#dataloader",), ("evaluate#evaluator",)),
+    ):
+        parser = _parser(tmp_path, *files, device=f"$torch.device('{device}')")
+        assert parser.get_parsed_content("pin_memory") is pinned, files
+        for key in loaders:
+            assert parser[key]["pin_memory"] == "@pin_memory", (files, key)
+        for key in engines:
+            assert parser[key]["non_blocking"] == "@pin_memory", (files, key)
+    loader = _parser(tmp_path, "train.yaml", **TINY).get_parsed_content("train#dataloader")
+    assert isinstance(loader, torch.utils.data.DataLoader) and loader.pin_memory is False  # this CPU

@@ -33,6 +33,10 @@ def test_bernoulli_log_likelihood_equals_the_two_log_sigmoids_and_their_gradient
     (grad,) = torch.autograd.grad(ll.sum(), z)
     (ref_grad,) = torch.autograd.grad(ref.sum(), z)
     assert torch.allclose(grad, ref_grad, rtol=1e-5, atol=1e-8)
+    # one mask against several candidates broadcasts, as the two log-sigmoids did
+    one = y[:, :1]
+    assert torch.allclose(bernoulli_log_likelihood(z, one), bernoulli_log_likelihood(z, one.expand_as(z)))
+    assert torch.allclose(bernoulli_log_likelihood(z[:, :1], y), bernoulli_log_likelihood(z[:, :1].expand_as(y), y))
 
 
 def test_batched_overlap_by_hand():
