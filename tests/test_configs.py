@@ -116,10 +116,12 @@ def test_more_than_100_params_are_all_logged(tmp_path):
     assert {k: int(v) for k, v in run.data.params.items() if k.startswith("p")} == params
 
 
-@pytest.mark.parametrize("device, pinned", [("cpu", False), ("cuda:0", True)])
+@pytest.mark.parametrize("device, pinned", [("$torch.device('cpu')", False), ("$torch.device('cuda:0')", True),
+                                            ("cpu", False), ("cuda", True)])
 def test_gpu_runs_pin_batches_and_copy_them_without_blocking(tmp_path, device, pinned):
     """Every loader of a training / evaluation config pins its batches, and every engine copies them with
-    non_blocking, exactly when the device is a GPU (parsed, not run: no GPU here)."""
+    non_blocking, exactly when the device is a GPU (parsed, not run: no GPU here). ``device`` may be a torch.device
+    or a string (MONAI Label's bundle train task overrides it with "cpu" / "cuda")."""
     import torch
 
     for files, loaders, engines in (
@@ -128,7 +130,7 @@ def test_gpu_runs_pin_batches_and_copy_them_without_blocking(tmp_path, device, p
         (("train.yaml", "semi_supervised.yaml"), ("semi#unlabelled_dataloader",), ("semi#trainer",)),
         (("train.yaml", "evaluate.yaml"), ("evaluate#dataloader",), ("evaluate#evaluator",)),
     ):
-        parser = _parser(tmp_path, *files, device=f"$torch.device('{device}')")
+        parser = _parser(tmp_path, *files, device=device)
         assert parser.get_parsed_content("pin_memory") is pinned, files
         for key in loaders:
             assert parser[key]["pin_memory"] == "@pin_memory", (files, key)
