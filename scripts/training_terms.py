@@ -37,10 +37,12 @@ def run_terms(db: str, steps: int) -> dict[str, tuple[float, float, int]]:
 def table(runs: str, tasks, methods, fraction: int, seeds, steps: int) -> str:
     lines = [f"| task | method | {' | '.join(f'{t} first / last' for t in TERMS)} |",
              "|---|---|" + "---|" * len(TERMS)]
+    total = 0  # the most iterations any run logged
     for task in tasks:
         for method in methods:
             per_seed = [run_terms(os.path.join(runs, task, f"f{fraction}", method, f"seed{s}", "eval", "mlflow.db"), steps)
                         for s in seeds]
+            total = max([total] + [v[2] for r in per_seed for v in r.values()])
             cells = []
             for term in TERMS:
                 if all(term in r for r in per_seed):
@@ -50,9 +52,6 @@ def table(runs: str, tasks, methods, fraction: int, seeds, steps: int) -> str:
                 else:
                     cells.append("-")
             lines.append(f"| {task} | {method} | {' | '.join(cells)} |")
-    n = run_terms(os.path.join(runs, tasks[0], f"f{fraction}", methods[0], f"seed{seeds[0]}", "eval", "mlflow.db"),
-                  steps)
-    total = max((v[2] for v in n.values()), default=0)
     lines.append("")
     lines.append(f"Mean over seeds {' '.join(map(str, seeds))} of each term's mean over the first and the last {steps} "
                  f"of {total} iterations.")
