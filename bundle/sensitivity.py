@@ -156,11 +156,16 @@ def _colour(v: float) -> tuple[int, int, int]:
 
 
 def write_heatmap(grid: np.ndarray, path: str, title: str = "Dice vs number of prompts") -> str:
-    """Heatmap PNG of a Dice grid with the value in every cell, labelled axes and a colour scale (Dice 0 .. 1 with
-    ticks at every 0.25) right of the grid (PIL only); written atomically."""
-    from PIL import Image, ImageDraw, ImageFont
-
+    """:func:`render_heatmap` written as a PNG, atomically."""
     from bundle.io import save_png
+
+    return save_png(render_heatmap(grid, title), path)
+
+
+def render_heatmap(grid: np.ndarray, title: str = "Dice vs number of prompts"):
+    """Heatmap of a Dice grid (a PIL image) with the value in every cell, labelled axes and a colour scale (Dice
+    0 .. 1 with ticks at every 0.25) right of the grid (PIL only)."""
+    from PIL import Image, ImageDraw, ImageFont
 
     rows, cols = grid.shape
     cell, left, top, bottom, bar, bar_gap, right = 44, 70, 40, 50, 16, 16, 60
@@ -194,7 +199,7 @@ def write_heatmap(grid: np.ndarray, path: str, title: str = "Dice vs number of p
         draw.line([(x0 + bar, y), (x0 + bar + 3, y)], fill="black")
         draw.text((x0 + bar + 6, y - 5), f"{tick:.2f}", fill="black", font=font)
     draw.text((x0 - 2, top - 14), "Dice", fill="black", font=font)
-    return save_png(img, path)
+    return img
 
 
 def write_card(path: str, summary: dict, grid: np.ndarray, stats: dict, heatmap: str) -> str:

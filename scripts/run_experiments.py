@@ -257,17 +257,22 @@ def table(rows: list[dict], columns: list[str], results: dict, title: str, notes
 
 
 def heatmaps(rows: list[dict], results: dict, column: str, path: str) -> str | None:
-    """The prompt-sensitivity heatmaps of the first seed of each method, side by side, as one PNG."""
-    from PIL import Image
-
+    """The prompt-sensitivity heatmaps of the methods side by side, as one PNG: each method's grid is the mean of its
+    runs' grids (every seed that has one), titled with the method's label, the items and the seeds it averages."""
     from bundle.io import save_png
+    from bundle.sensitivity import read_grid_csv, render_heatmap
 
     tiles = []
     for m in rows:
-        runs = results.get((m["name"], column), [])
-        png = os.path.join(runs[0]["bundle_root"], "eval", "evaluation", "prompt_sensitivity.png") if runs else ""
-        if os.path.isfile(png):
-            tiles.append(np.asarray(Image.open(png).convert("RGB")))
+        runs = [s for s in results.get((m["name"], column), [])
+                if os.path.isfile(os.path.join(s["bundle_root"], "eval", "evaluation", "prompt_sensitivity.csv"))]
+        if not runs:
+            continue
+        grid = np.mean([read_grid_csv(os.path.join(s["bundle_root"], "eval", "evaluation", "prompt_sensitivity.csv"))
+                        for s in runs], axis=0)
+        items = _get(runs[0], "sensitivity", "n_images")
+        title = f"{m['label']}: Dice, mean over {items} items x {len(runs)} run{'s' if len(runs) > 1 else ''}"
+        tiles.append(np.asarray(render_heatmap(grid, title).convert("RGB")))
     if not tiles:
         return None
     h = max(t.shape[0] for t in tiles)
@@ -365,7 +370,7 @@ def main(argv=None) -> int:
     save_json({f"{m}|{c}": runs for (m, c), runs in results.items()}, os.path.splitext(out)[0] + ".json", default=str)
     figure = None if args.no_sensitivity else heatmaps(methods, results, titles[0], os.path.splitext(out)[0] + ".png")
     print(text)
-    print(f"table: {out}" + (f"\nheatmaps ({titles[0]}, first seed): {figure}" if figure else ""))
+    print(f"table: {out}" + (f"\nheatmaps ({titles[0]}, mean over seeds): {figure}" if figure else ""))
     return 0
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,3 +75,25 @@ def test_paper_overlay_reaches_every_run_before_the_rows_own_keys(tmp_path):
     assert "checkpoint_epoch=10.pt" in evaluate  # the paper's 10 epochs: the final state evaluated
     with pytest.raises(SystemExit, match="--overlay nope: no config"):
         rx.parse_args(["--bundle_root_base", str(tmp_path), "--overlay", "nope"])
+
+
+def test_heatmap_figure_averages_each_methods_seeds_and_names_the_method(tmp_path):
+    from PIL import Image
+
+    from bundle.sensitivity import render_heatmap, write_grid_csv
+
+    def run(name, grid):
+        root = tmp_path / name
+        (root / "eval" / "evaluation").mkdir(parents=True)
+        write_grid_csv(np.asarray(grid, dtype=float), str(root / "eval" / "evaluation" / "prompt_sensitivity.csv"))
+        return {"bundle_root": str(root), "sensitivity": {"n_images": 7}}
+
+    rows = [{"name": "sup", "label": "Supervised"}, {"name": "none", "label": "No grid"}, {"name": "zs", "label": "Base"}]
+    results = {("sup", "T1"): [run("s0", [[0.2, 0.4]]), run("s1", [[0.6, 0.8]])], ("zs", "T1"): [run("z", [[0.1, 0.1]])],
+               ("none", "T1"): [{"bundle_root": str(tmp_path / "missing")}]}
+    figure = np.asarray(Image.open(rx.heatmaps(rows, results, "T1", str(tmp_path / "fig.png"))).convert("RGB"))
+    first = np.asarray(render_heatmap(np.array([[0.4, 0.6]]), "Supervised: Dice, mean over 7 items x 2 runs").convert("RGB"))
+    second = np.asarray(render_heatmap(np.array([[0.1, 0.1]]), "Base: Dice, mean over 7 items x 1 run").convert("RGB"))
+    assert figure.shape[1] == first.shape[1] + second.shape[1] + 16  # two panels (the run without a grid has none)
+    assert (figure[:, :first.shape[1]] == first).all()
+    assert (figure[:, first.shape[1] + 8:first.shape[1] + 8 + second.shape[1]] == second).all()
