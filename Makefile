@@ -74,6 +74,8 @@ results: $(STAMP) data/consep/datalist.json
 		--output docs/results/testbed_f10.md
 	$(PY) scripts/run_experiments.py --set main --task consep_t1 consep_t2 --train_fraction 100 --seeds $(SEEDS_FULL) \
 		$(TESTBED) --output docs/results/testbed_f100.md
+	$(PY) scripts/run_experiments.py --set testbed --task consep_t1 consep_t2 --seeds $(SEEDS) $(TESTBED) --no_sensitivity \
+		--output docs/results/testbed_fractions.md
 	$(PY) scripts/run_experiments.py --set va --task consep_t1 consep_t2 --train_fraction 10 --seeds $(SEEDS_ABLATION) \
 		$(TESTBED) --no_sensitivity --output docs/results/testbed_va.md
 	$(PY) scripts/run_experiments.py --set main --configs supervised va_supervised_100 --task consep_t1 consep_t2 \
@@ -85,6 +87,9 @@ results: $(STAMP) data/consep/datalist.json
 		--train_fraction 10 --seeds $(SEEDS_ABLATION) $(TESTBED) --no_sensitivity --output docs/results/testbed_beta_f10_3seeds.md
 	$(PY) scripts/run_experiments.py --set beta --configs beta_0.01 sampo beta_1 beta_10 beta_100 --task consep_t1 \
 		--train_fraction 10 --seeds 0 $(TESTBED) --no_sensitivity --output docs/results/testbed_beta_f10.md
+	$(PY) scripts/run_experiments.py --set lambda_dw --configs lambda_dw_0.1 lambda_dw_0.5 sampo lambda_dw_2 \
+		--task consep_t1 consep_t2 --train_fraction 10 --seeds $(SEEDS_ABLATION) $(TESTBED) --no_sensitivity \
+		--output docs/results/testbed_lambda_dw_f10.md
 	$(PY) scripts/run_experiments.py --set prompt_sets --task consep_t1 --train_fraction 10 --seeds $(SEEDS_ABLATION) \
 		$(TESTBED) --no_sensitivity --output docs/results/testbed_prompt_sets_f10.md
 

@@ -51,6 +51,8 @@ SETS = {
     "va": (["va_supervised_10", "va_aligned_10", "sampo", "va_supervised_100"], None),
     "va_raters": (["va_supervised_10", "va_best_10", "va_rating_10", "va_aligned_10"], None),
 }
+# the key a sweep set varies: rows that leave it to train.yaml are labelled with train.yaml's value
+SWEPT = {"beta": "beta", "lambda_dw": "lambda_dw", "prompt_sets": "n_prompt_sets"}
 
 
 def experiment_meta(name: str) -> dict:
@@ -66,6 +68,16 @@ def experiment_meta(name: str) -> dict:
             raise SystemExit(f"{path}: overlay {o} not found")
     return {"name": name, "path": path, "label": meta.get("label", name), "train": meta.get("train", True), "cfg": cfg,
             "overlays": overlays}
+
+
+def label_swept_key(methods: list[dict], set_name: str, defaults: dict) -> None:
+    """In a sweep set (``SWEPT``), append train.yaml's value of the swept key to the label of each row whose config
+    leaves it to train.yaml; not to rows without a preference term when the key acts on those terms only."""
+    key = SWEPT.get(set_name)
+    for m in methods:
+        preference = m["cfg"].get("use_po1", True) or m["cfg"].get("use_po2", True)
+        if key and key not in m["cfg"] and (preference or key == "n_prompt_sets"):
+            m["label"] += f" ({key}={defaults.get(key)}, train.yaml)"
 
 
 def overlay_paths(names: list[str] | None) -> list[str]:
@@ -325,9 +337,7 @@ def main(argv=None) -> int:
     methods = [experiment_meta(n) for n in (args.configs or row_names)]
     with open(os.path.join(REPO, "configs", "train.yaml"), encoding="utf-8") as f:
         defaults = yaml.safe_load(f)
-    for m in methods:  # say which beta a row ran with when the config leaves it to train.yaml
-        if args.set == "beta" and "beta" not in m["cfg"]:
-            m["label"] += f" (beta={defaults.get('beta')}, train.yaml)"
+    label_swept_key(methods, args.set, defaults)
     columns = [experiment_meta(n) for n in col_names] if col_names else [None]
     env = dict(os.environ)
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # nothing may reach the network

@@ -97,3 +97,25 @@ def test_heatmap_figure_averages_each_methods_seeds_and_names_the_method(tmp_pat
     assert figure.shape[1] == first.shape[1] + second.shape[1] + 16  # two panels (the run without a grid has none)
     assert (figure[:, :first.shape[1]] == first).all()
     assert (figure[:, first.shape[1] + 8:first.shape[1] + 8 + second.shape[1]] == second).all()
+
+
+def test_sweep_rows_name_the_value_they_took_from_train_yaml():
+    defaults = {"beta": 0.1, "lambda_dw": 1.0, "n_prompt_sets": 4}
+
+    def rows(*names):
+        return [rx.experiment_meta(n) for n in names]
+
+    beta = rows("supervised", "sampo", "beta_1")
+    rx.label_swept_key(beta, "beta", defaults)
+    assert [m["label"] for m in beta] == ["Supervised LoRA (SUP only)", "SAMPO (PO1+PO2+SUP) (beta=0.1, train.yaml)",
+                                          "SAMPO beta=1"]
+    dw = rows("sampo", "lambda_dw_2")
+    rx.label_swept_key(dw, "lambda_dw", defaults)
+    assert [m["label"] for m in dw] == ["SAMPO (PO1+PO2+SUP) (lambda_dw=1.0, train.yaml)", "SAMPO lambda_dw=2"]
+    sets = rows("supervised", "sampo_n8")
+    rx.label_swept_key(sets, "prompt_sets", defaults)
+    assert sets[0]["label"] == "Supervised LoRA (SUP only) (n_prompt_sets=4, train.yaml)"
+    assert sets[1]["label"] == "SAMPO, 8 prompt sets"
+    main = rows("sampo")
+    rx.label_swept_key(main, "main", defaults)
+    assert main[0]["label"] == "SAMPO (PO1+PO2+SUP)"
