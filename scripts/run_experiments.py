@@ -265,7 +265,38 @@ def table(rows: list[dict], columns: list[str], results: dict, title: str, notes
                 runs = results.get((m["name"], c), [])
                 lines.append(f"| {m['label']} | " + " | ".join(_stat([_get(s, section, g, "dice") for s in runs])
                                                             for g in groups) + " |")
-    return "\n".join(lines + [""] + notes) + "\n"
+    return "\n".join(lines + paired_differences(rows, columns, results) + [""] + notes) + "\n"
+
+
+def _seed(summary: dict) -> str | None:
+    match = re.search(r"seed(\d+)$", os.path.normpath(summary.get("bundle_root", "")))
+    return match[1] if match else None
+
+
+def paired_differences(rows: list[dict], columns: list[str], results: dict, reference: str = "supervised") -> list[str]:
+    """Markdown lines: each trained row's test Dice minus the ``reference`` row's of the same seed (same
+    initialisation, data order and prompts), mean ± sd over the seeds both have, and on how many seeds the row is
+    higher. Seed-to-seed spread is shared by both rows, so this says whether a small gap is consistent. No lines
+    without the reference row, or with fewer than two paired seeds anywhere."""
+    if reference not in {m["name"] for m in rows}:
+        return []
+    out = []
+    for m in rows:
+        if m["name"] == reference:
+            continue
+        cells = []
+        for c in columns:
+            ref = {_seed(s): _get(s, "overall", "dice") for s in results.get((reference, c), [])}
+            diffs = [_get(s, "overall", "dice") - ref[_seed(s)] for s in results.get((m["name"], c), [])
+                     if _seed(s) is not None and ref.get(_seed(s)) is not None]
+            cells.append(f"{_stat(diffs)} ({sum(d > 0 for d in diffs)}/{len(diffs)})" if len(diffs) > 1 else "-")
+        if any(cell != "-" for cell in cells):
+            out.append(f"| {m['label']} | " + " | ".join(cells) + " |")
+    if not out:
+        return []
+    label = next(m["label"] for m in rows if m["name"] == reference)
+    return ["", f"Dice minus {label} of the same seed (mean ± sd over paired seeds; seeds where higher / paired):", "",
+            "| Method | " + " | ".join(columns) + " |", "|---" * (1 + len(columns)) + "|", *out]
 
 
 def heatmaps(rows: list[dict], results: dict, column: str, path: str) -> str | None:

@@ -119,3 +119,18 @@ def test_sweep_rows_name_the_value_they_took_from_train_yaml():
     main = rows("sampo")
     rx.label_swept_key(main, "main", defaults)
     assert main[0]["label"] == "SAMPO (PO1+PO2+SUP)"
+
+
+def test_paired_differences_pair_runs_by_seed_and_count_the_seeds_where_higher():
+    def run(seed, dice):
+        return {"bundle_root": f"/runs/consep_t1/f10/x/seed{seed}", "overall": {"dice": dice}}
+
+    rows = [{"name": "supervised", "label": "SUP"}, {"name": "sampo", "label": "SAMPO"}, {"name": "zs", "label": "ZS"}]
+    results = {("supervised", "T1"): [run(0, 0.40), run(1, 0.50), run(2, 0.60)],
+               ("sampo", "T1"): [run(2, 0.61), run(0, 0.38), run(1, 0.47)],  # out of order: paired by seed
+               ("zs", "T1"): [run(0, 0.02)]}
+    lines = rx.paired_differences(rows, ["T1"], results)
+    assert "| SAMPO | -0.013 ± 0.021 (1/3) |" in lines  # -0.02, -0.03, +0.01
+    assert "| ZS | - |" not in lines and not any(ln.startswith("| ZS") for ln in lines)  # one seed: no spread
+    assert rx.paired_differences(rows[1:], ["T1"], results) == []  # no reference row
+    assert "Dice minus SUP of the same seed" in rx.table(rows, ["T1"], results, "t", [])
