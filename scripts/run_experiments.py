@@ -12,8 +12,11 @@ trained again, and its evaluation is reused when ``eval/evaluation/summary.json`
 A method that does not train (zero-shot) is evaluated once (the first seed): it has nothing random to average.
 ``--task t1`` / ``t2`` without a task config trains on the embedded synthetic set. ``--jobs J`` runs J trainings at
 once (give each ``--threads 1``). An experiment config may name ``overlays`` (e.g. ``semi_supervised``: paper
-003's two-stage schedule, whose final state is at ``max_epochs + stage2_epochs``; docs/virtual_annotator.md). Besides the test scores, each row reports the validation Dice of the final
-epoch (from the run's MLflow store): what hyperparameters are chosen on (docs/results.md, "Choosing beta").
+003's two-stage schedule, whose final state is at ``max_epochs + stage2_epochs``; docs/virtual_annotator.md).
+Besides the test scores, each row reports the validation Dice of the final epoch (from the run's MLflow store): what
+hyperparameters are chosen on (docs/results.md, "What was tried before concluding"). A set with a ``supervised`` row
+also gets each row's Dice minus supervised's of the same seed, and one with the prompt-sensitivity grid a figure of
+every method's grid averaged over its seeds.
 ``--overlay paper`` runs every row with the papers' settings (configs/experiments/paper.yaml: ViT-B, batch 14,
 10 epochs, ...): a settings overlay after the task config, before the row's and column's own keys, which win.
 """

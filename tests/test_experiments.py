@@ -88,11 +88,13 @@ def test_heatmap_figure_averages_each_methods_seeds_and_names_the_method(tmp_pat
         write_grid_csv(np.asarray(grid, dtype=float), str(root / "eval" / "evaluation" / "prompt_sensitivity.csv"))
         return {"bundle_root": str(root), "sensitivity": {"n_images": 7}}
 
-    rows = [{"name": "sup", "label": "Supervised"}, {"name": "none", "label": "No grid"}, {"name": "zs", "label": "Base"}]
-    results = {("sup", "T1"): [run("s0", [[0.2, 0.4]]), run("s1", [[0.6, 0.8]])], ("zs", "T1"): [run("z", [[0.1, 0.1]])],
-               ("none", "T1"): [{"bundle_root": str(tmp_path / "missing")}]}
+    rows = [{"name": "sup", "label": "Supervised"}, {"name": "none", "label": "No grid"},
+            {"name": "zs", "label": "Base"}]
+    results = {("sup", "T1"): [run("s0", [[0.2, 0.4]]), run("s1", [[0.6, 0.8]])],
+               ("zs", "T1"): [run("z", [[0.1, 0.1]])], ("none", "T1"): [{"bundle_root": str(tmp_path / "missing")}]}
     figure = np.asarray(Image.open(rx.heatmaps(rows, results, "T1", str(tmp_path / "fig.png"))).convert("RGB"))
-    first = np.asarray(render_heatmap(np.array([[0.4, 0.6]]), "Supervised: Dice, mean over 7 items x 2 runs").convert("RGB"))
+    first = render_heatmap(np.array([[0.4, 0.6]]), "Supervised: Dice, mean over 7 items x 2 runs")
+    first = np.asarray(first.convert("RGB"))
     second = np.asarray(render_heatmap(np.array([[0.1, 0.1]]), "Base: Dice, mean over 7 items x 1 run").convert("RGB"))
     assert figure.shape[1] == first.shape[1] + second.shape[1] + 16  # two panels (the run without a grid has none)
     assert (figure[:, :first.shape[1]] == first).all()
