@@ -71,8 +71,11 @@ def init(backend: str | None = None) -> torch.device:
 
 
 def finalize() -> None:
-    """Leave the process group (``finalize`` of the overlay)."""
+    """Leave the process group (``finalize`` of the overlay), all ranks together: rank 0 still runs its own
+    end-of-run handlers (state, export, MLflow) after the others are done, and a rank that tears its gloo connections
+    down meanwhile can abort ("terminate called without an active exception", seen once in the two-rank test)."""
     if is_distributed():
+        dist.barrier()
         dist.destroy_process_group()
 
 
