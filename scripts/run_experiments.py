@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -54,8 +53,9 @@ SETS = {
     "va": (["va_supervised_10", "va_aligned_10", "sampo", "va_supervised_100"], None),
     "va_raters": (["va_supervised_10", "va_best_10", "va_rating_10", "va_aligned_10"], None),
 }
-# the key a sweep set varies: rows that leave it to train.yaml are labelled with train.yaml's value
-SWEPT = {"beta": "beta", "lambda_dw": "lambda_dw", "prompt_sets": "n_prompt_sets"}
+# sweep set -> (the key it varies, whether that key acts on the preference terms only): rows that leave the key to
+# train.yaml are labelled with train.yaml's value
+SWEPT = {"beta": ("beta", True), "lambda_dw": ("lambda_dw", True), "prompt_sets": ("n_prompt_sets", False)}
 
 
 def experiment_meta(name: str) -> dict:
@@ -76,10 +76,12 @@ def experiment_meta(name: str) -> dict:
 def label_swept_key(methods: list[dict], set_name: str, defaults: dict) -> None:
     """In a sweep set (``SWEPT``), append train.yaml's value of the swept key to the label of each row whose config
     leaves it to train.yaml; not to rows without a preference term when the key acts on those terms only."""
-    key = SWEPT.get(set_name)
+    if set_name not in SWEPT:
+        return
+    key, preference_only = SWEPT[set_name]
     for m in methods:
         preference = m["cfg"].get("use_po1", True) or m["cfg"].get("use_po2", True)
-        if key and key not in m["cfg"] and (preference or key == "n_prompt_sets"):
+        if key not in m["cfg"] and (preference or not preference_only):
             m["label"] += f" ({key}={defaults.get(key)}, train.yaml)"
 
 
@@ -187,7 +189,7 @@ def validation_dice(root: str) -> float | None:
 
 def one(args, task: str, method: dict, column: dict | None, seed: int, env: dict) -> dict:
     """Train (unless zero-shot or already done) and evaluate one method on one task / column / seed; return the
-    evaluation summary (plus ``bundle_root`` and ``val_dice``)."""
+    evaluation summary (plus ``bundle_root``, ``seed`` and ``val_dice``)."""
     files, task_over, _ = task_configs(task)
     base = [os.path.join(REPO, "configs", "train.yaml"), *files, *method.get("overlays", []), *overlay_paths(args.overlay)]
     exp_files = [method["path"]] + ([column["path"]] if column else [])
@@ -218,7 +220,7 @@ def one(args, task: str, method: dict, column: dict | None, seed: int, env: dict
         return {}
     with open(summary_path, encoding="utf-8") as f:
         summary = json.load(f)
-    summary["bundle_root"] = root
+    summary["bundle_root"], summary["seed"] = root, seed
     summary["val_dice"] = validation_dice(root) if method["train"] else None
     return summary
 
@@ -271,11 +273,6 @@ def table(rows: list[dict], columns: list[str], results: dict, title: str, notes
     return "\n".join(lines + paired_differences(rows, columns, results) + [""] + notes) + "\n"
 
 
-def _seed(summary: dict) -> str | None:
-    match = re.search(r"seed(\d+)$", os.path.normpath(summary.get("bundle_root", "")))
-    return match[1] if match else None
-
-
 def paired_differences(rows: list[dict], columns: list[str], results: dict, reference: str = "supervised") -> list[str]:
     """Markdown lines: each trained row's test Dice minus the ``reference`` row's of the same seed (same
     initialisation, data order and prompts), mean ± sd over the seeds both have, and on how many seeds the row is
@@ -289,9 +286,9 @@ def paired_differences(rows: list[dict], columns: list[str], results: dict, refe
             continue
         cells = []
         for c in columns:
-            ref = {_seed(s): _get(s, "overall", "dice") for s in results.get((reference, c), [])}
-            diffs = [_get(s, "overall", "dice") - ref[_seed(s)] for s in results.get((m["name"], c), [])
-                     if _seed(s) is not None and ref.get(_seed(s)) is not None]
+            ref = {s["seed"]: _get(s, "overall", "dice") for s in results.get((reference, c), [])}
+            diffs = [_get(s, "overall", "dice") - ref[s["seed"]] for s in results.get((m["name"], c), [])
+                     if ref.get(s["seed"]) is not None]
             cells.append(f"{_stat(diffs)} ({sum(d > 0 for d in diffs)}/{len(diffs)})" if len(diffs) > 1 else "-")
         if any(cell != "-" for cell in cells):
             out.append(f"| {m['label']} | " + " | ".join(cells) + " |")
@@ -310,13 +307,13 @@ def heatmaps(rows: list[dict], results: dict, column: str, path: str) -> str | N
 
     tiles = []
     for m in rows:
-        runs = [s for s in results.get((m["name"], column), [])
-                if os.path.isfile(os.path.join(s["bundle_root"], "eval", "evaluation", "prompt_sensitivity.csv"))]
+        runs = [(s, os.path.join(s["bundle_root"], "eval", "evaluation", "prompt_sensitivity.csv"))
+                for s in results.get((m["name"], column), [])]
+        runs = [(s, csv) for s, csv in runs if os.path.isfile(csv)]
         if not runs:
             continue
-        grid = np.mean([read_grid_csv(os.path.join(s["bundle_root"], "eval", "evaluation", "prompt_sensitivity.csv"))
-                        for s in runs], axis=0)
-        items = _get(runs[0], "sensitivity", "n_images")
+        grid = np.mean([read_grid_csv(csv) for _, csv in runs], axis=0)
+        items = _get(runs[0][0], "sensitivity", "n_images")
         title = f"{m['label']}: Dice, mean over {items} items x {len(runs)} run{'s' if len(runs) > 1 else ''}"
         tiles.append(np.asarray(render_heatmap(grid, title).convert("RGB")))
     if not tiles:

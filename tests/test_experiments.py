@@ -125,7 +125,7 @@ def test_sweep_rows_name_the_value_they_took_from_train_yaml():
 
 def test_paired_differences_pair_runs_by_seed_and_count_the_seeds_where_higher():
     def run(seed, dice):
-        return {"bundle_root": f"/runs/consep_t1/f10/x/seed{seed}", "overall": {"dice": dice}}
+        return {"bundle_root": f"/runs/consep_t1/f10/x/seed{seed}", "seed": seed, "overall": {"dice": dice}}
 
     rows = [{"name": "supervised", "label": "SUP"}, {"name": "sampo", "label": "SAMPO"}, {"name": "zs", "label": "ZS"}]
     results = {("supervised", "T1"): [run(0, 0.40), run(1, 0.50), run(2, 0.60)],
