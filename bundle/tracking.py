@@ -21,6 +21,9 @@ from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 from monai.handlers import MLFlowHandler as _MonaiMLFlowHandler
 
+from bundle.distributed import is_rank_zero
+from bundle.io import atomic_write
+
 logger = logging.getLogger(__name__)
 
 
@@ -47,16 +50,18 @@ def run_name(output_dir: str, resuming: bool, prefix: str = "sampo") -> str:
     """A new ``{prefix}_YYYYmmdd_HHMMSS`` name, or the name of the run being resumed.
 
     The name is kept in ``output_dir/run_name.txt``; when training resumes from a saved state the same MLflow run
-    (MONAI's ``MLFlowHandler`` reopens an unfinished run of that name) goes on.
+    (MONAI's ``MLFlowHandler`` reopens an unfinished run of that name) goes on. Under torchrun only rank 0, the one
+    that logs to MLflow, writes the file: the other ranks' clocks may have passed to the next second, and a name of
+    theirs in the file would make the resume open a second run.
     """
     path = os.path.join(output_dir, "run_name.txt")
     if resuming and os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             return f.read().strip()
     name = f"{prefix}_{time.strftime('%Y%m%d_%H%M%S')}"
-    os.makedirs(output_dir, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(name)
+    if is_rank_zero():
+        with atomic_write(path, "w") as f:
+            f.write(name)
     return name
 
 

@@ -82,6 +82,34 @@ def _runs(root):
     return client, client.search_runs([experiment.experiment_id])
 
 
+RUN_NAME_WORKER = """
+import sys, time
+import torch.distributed as dist
+from bundle.tracking import run_name
+dist.init_process_group("gloo")
+out = sys.argv[1]
+if dist.get_rank() == 0:
+    print("rank 0 named", run_name(out, resuming=False), flush=True)
+dist.barrier()
+if dist.get_rank() == 1:
+    time.sleep(1.1)  # the next second on the clock: a name of its own
+    run_name(out, resuming=False)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_run_name_file_holds_rank_zeros_name(tmp_path):
+    """The resume reads run_name.txt to find the MLflow run rank 0 logged to; a later rank writing its own name
+    there made the resume open a second run (CI, stop 18: the test below failed with 2 runs)."""
+    script = tmp_path / "worker.py"
+    script.write_text(RUN_NAME_WORKER, encoding="utf-8")
+    code, out = _finish(_torchrun(script, tmp_path / "out"))
+    assert code == 0, out[-4000:]
+    named = out.split("rank 0 named ", 1)[1].split()[0]
+    assert (tmp_path / "out" / "run_name.txt").read_text(encoding="utf-8") == named
+
+
 def test_bundle_training_on_two_ranks_logs_one_run_and_resumes(tmp_path):
     root = tmp_path / "b"
     synthetic = "{'n_train': 8, 'n_val': 3, 'n_test': 1}"
