@@ -281,15 +281,15 @@ def paired_differences(rows: list[dict], columns: list[str], results: dict, refe
     without the reference row, or with fewer than two paired seeds anywhere."""
     if reference not in {m["name"] for m in rows}:
         return []
+    ref = {c: {s["seed"]: _get(s, "overall", "dice") for s in results.get((reference, c), [])} for c in columns}
     out = []
     for m in rows:
         if m["name"] == reference:
             continue
         cells = []
         for c in columns:
-            ref = {s["seed"]: _get(s, "overall", "dice") for s in results.get((reference, c), [])}
-            diffs = [_get(s, "overall", "dice") - ref[s["seed"]] for s in results.get((m["name"], c), [])
-                     if ref.get(s["seed"]) is not None]
+            diffs = [_get(s, "overall", "dice") - ref[c][s["seed"]] for s in results.get((m["name"], c), [])
+                     if ref[c].get(s["seed"]) is not None]
             cells.append(f"{_stat(diffs)} ({sum(d > 0 for d in diffs)}/{len(diffs)})" if len(diffs) > 1 else "-")
         if any(cell != "-" for cell in cells):
             out.append(f"| {m['label']} | " + " | ".join(cells) + " |")
