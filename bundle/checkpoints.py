@@ -24,14 +24,19 @@ from torch import nn
 
 from bundle.networks import CheckpointError, PromptableSAM
 from bundle.networks.trained_weights import (  # noqa: F401  (re-exported: the surfaces import them from here)
+    ARCHITECTURE_KEYS,
+    EXPORT_KEY,
     BaseMismatchError,
     BaseModel,
     TrainedWeights,
     base_fingerprint,
+    architecture,
+    check_architecture,
     check_base,
     check_state_dict,
     describe_base,
     describe_layout,
+    exported,
     file_sha256,
     load_trained,
     trained_keys,
@@ -79,12 +84,41 @@ def read_checkpoint(path: str | os.PathLike, key: str = "network") -> tuple[dict
     path = os.fspath(path)
     ckpt = read_file(path)
     base = ckpt.get("base") if isinstance(ckpt, Mapping) and isinstance(ckpt.get("base"), Mapping) else None
+    if isinstance(ckpt, Mapping) and key not in ckpt and isinstance(ckpt.get("architecture"), Mapping):
+        key = EXPORT_KEY  # models/model.pt: {"model": merged state dict, "architecture": ...}
     if isinstance(ckpt, Mapping) and key in ckpt and isinstance(ckpt[key], Mapping):
         ckpt = ckpt[key]
     if not isinstance(ckpt, Mapping) or not ckpt or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         keys = list(ckpt)[:5] if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise CheckpointError(f"{path}: expected a state dict or a training checkpoint with key '{key}', got {keys}")
     return dict(ckpt), dict(base) if base is not None else None
+
+
+def recorded_architecture(path: str | os.PathLike) -> dict:
+    """The architecture a checkpoint records (:func:`architecture`: ``models/model.pt``'s ``architecture``, a
+    training checkpoint's ``base.architecture``); ``{}`` for a missing file or one written before the record.
+    Reads the file memory-mapped: the tensors are not loaded."""
+    path = os.fspath(path) if path else ""
+    if not path or not os.path.isfile(path):
+        return {}
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, Mapping):
+        return {}
+    record = ckpt.get("architecture")
+    if not isinstance(record, Mapping) and isinstance(ckpt.get("base"), Mapping):
+        record = ckpt["base"].get("architecture")
+    return dict(record) if isinstance(record, Mapping) else {}
+
+
+def recorded(path: str | os.PathLike, key: str, default):
+    """``key`` of the architecture ``path`` records (:func:`recorded_architecture`), else ``default``: the configs'
+    ``model_size``, ``image_size``, ``lora_rank`` come from the checkpoint they load (``$bundle.checkpoints.recorded(
+    @ckpt_path, 'model_size', 'vit_b')``), a flag overrides them."""
+    value = recorded_architecture(path).get(key)
+    return default if value is None else value
 
 
 def read_state_dict(path: str | os.PathLike, key: str = "network") -> dict[str, torch.Tensor]:
@@ -114,6 +148,7 @@ def load_weights(net: nn.Module, path: str | os.PathLike, key: str = "network") 
     stage 2 of the virtual-annotator schedule first folds its stage-1 tensors into that base."""
     state, base = read_checkpoint(path, key)
     source = os.fspath(path)
+    check_architecture(recorded_architecture(source), net, source)
     if base is not None:
         check_base(base, net, source)
         stages = torch.load(source, map_location="cpu", weights_only=True).get("stages")  # adapter-sized: cheap
@@ -133,9 +168,13 @@ def load_weights(net: nn.Module, path: str | os.PathLike, key: str = "network") 
 def load_network(path: str | os.PathLike, key: str = "network", **network_args) -> PromptableSAM:
     """Build ``PromptableSAM(**network_args)`` and load the checkpoint at ``path`` strictly (clear error if not).
 
-    For an adapter-sized checkpoint the network is built on the base it names (the official SAM file, which must
-    still be there, or the random initialisation of its seed)."""
+    The architecture the file records fills the arguments not given (an argument that contradicts it is refused by
+    :func:`load_weights`). For an adapter-sized checkpoint the network is built on the base it names (the official
+    SAM file, which must still be there, or the random initialisation of its seed)."""
     _, base = read_checkpoint(path, key)
+    record = recorded_architecture(path)
+    keys = [k for k in ARCHITECTURE_KEYS if record.get(k) is not None and (k != "lora_targets" or record.get("lora_rank"))]
+    network_args = {**{k: record[k] for k in keys}, **network_args}
     if base is not None:
         sam = base.get("sam_checkpoint")
         if base.get("initialisation") != "random" and not (sam and os.path.isfile(sam)):

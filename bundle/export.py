@@ -2,7 +2,9 @@
 
 * :func:`merge_lora` folds the LoRA adapters into the image-encoder weights (peft ``merge_and_unload`` on a copy)
   and keeps the trained prompt encoder / mask decoder; the result is a ``PromptableSAM(..., lora_rank=0)``.
-  Its state dict is ``models/model.pt``, which ``configs/inference.yaml``'s ``network_def`` loads strictly.
+  Its state dict is ``models/model.pt`` (under ``model``, beside the ``architecture`` that rebuilds it:
+  :func:`bundle.checkpoints.exported`), which ``configs/inference.yaml``'s ``network_def``, built from that record,
+  loads strictly.
 * :func:`export_torchscript` scripts the network around traced parts (:mod:`bundle.traceable`;
   ``segment_anything`` is not scriptable) and saves it with MONAI's ``save_net_with_metadata``,
   carrying ``metadata.json`` and ``inference.json`` (the inference config as JSON) as extra files: the archive
@@ -31,7 +33,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from bundle.checkpoints import build_network, check_state_dict
+from bundle.checkpoints import architecture, build_network, check_state_dict, exported
 from bundle.guidance import points_to_guidance
 from bundle.io import atomic_torch_save, atomic_write
 from bundle.networks import PromptableSAM
@@ -150,15 +152,18 @@ def configs_dir(bundle_root: str | os.PathLike) -> str:
     raise FileNotFoundError(f"no configs/metadata.json + configs/inference.yaml in {own} or {PACKAGE_CONFIGS}")
 
 
-def bundle_configs(bundle_root: str, model_size: str, image_size: int, in_channels: int = 3) -> tuple[dict, dict]:
+def bundle_configs(bundle_root: str, model_size: str, image_size: int, in_channels: int = 3,
+                   record: Mapping | None = None) -> tuple[dict, dict]:
     """``configs/metadata.json`` and ``configs/inference.yaml`` of ``bundle_root`` (:func:`configs_dir`) with the
-    exported network's size."""
+    exported network's size; ``record`` (the exported architecture) goes into the metadata as ``architecture``."""
     from monai.bundle import ConfigParser
 
     folder = configs_dir(bundle_root)
     meta = ConfigParser.load_config_file(os.path.join(folder, "metadata.json"))
     infer = ConfigParser.load_config_file(os.path.join(folder, "inference.yaml"))
     infer.update({"model_size": model_size, "image_size": image_size})
+    if record is not None:
+        meta["architecture"] = dict(record)
     fmt = meta.get("network_data_format", {})
     for part in ("inputs", "outputs"):
         for item in fmt.get(part, {}).values():
@@ -169,16 +174,28 @@ def bundle_configs(bundle_root: str, model_size: str, image_size: int, in_channe
     return meta, infer
 
 
+def export_record(net: PromptableSAM, task: str | None = None) -> dict:
+    """The architecture ``model.pt`` records for the merged form of ``net`` (``lora_rank`` 0), with what it was
+    trained as: ``task``, ``trained_lora_rank`` / ``trained_lora_targets`` and the base (``initialisation``,
+    ``seed``)."""
+    record = architecture(net, task)
+    return {**record, "lora_rank": 0, "lora_targets": [], "trained_lora_rank": net.lora_rank,
+            "trained_lora_targets": record["lora_targets"], "initialisation": getattr(net, "initialisation", None),
+            "seed": getattr(net, "seed", None)}
+
+
 def export_bundle(
     net: PromptableSAM,
     output_dir: str | os.PathLike,
     bundle_root: str | os.PathLike = ".",
     verify: bool = True,
+    task: str | None = None,
 ) -> dict[str, str]:
     """Merge ``net``'s adapters and write ``model.pt`` and ``model.ts`` to ``output_dir``; return their paths.
 
-    The metadata and inference config put into ``model.ts`` are ``bundle_root``'s, with ``model_size`` and
-    ``image_size`` set to ``net``'s (see :func:`bundle_configs`).
+    ``model.pt`` records the architecture (:func:`export_record`, ``task`` included). The metadata and inference
+    config put into ``model.ts`` are ``bundle_root``'s, with ``model_size`` and ``image_size`` set to ``net``'s and
+    the record in the metadata (see :func:`bundle_configs`).
     """
     bundle_root, output_dir = os.fspath(bundle_root), os.fspath(output_dir)
     merged = merge_lora(net).cpu()
@@ -188,34 +205,38 @@ def export_bundle(
             ref, out = net.eval()(x.to(next(net.parameters()).device)).cpu(), merged(x)
         if not torch.allclose(ref, out, rtol=1e-3, atol=1e-3):
             raise RuntimeError(f"merged network differs from the LoRA network (max |diff| {(ref - out).abs().max():.3g})")
-    pt = atomic_torch_save(merged.state_dict(), os.path.join(output_dir, "model.pt"))
-    meta, infer = bundle_configs(bundle_root, merged.model_size, merged.image_size, merged.in_channels)
+    record = export_record(net, task)
+    pt = atomic_torch_save(exported(merged.state_dict(), record), os.path.join(output_dir, "model.pt"))
+    meta, infer = bundle_configs(bundle_root, merged.model_size, merged.image_size, merged.in_channels, record)
     ts = export_torchscript(merged, os.path.join(output_dir, "model.ts"), meta, infer, verify=verify)
     out = {"model.pt": pt, "model.ts": ts}
     logger.info("exported %s", ", ".join(out.values()))
     return out
 
 
-def write_configs(dest: str | os.PathLike, bundle_root: str | os.PathLike, model_size: str, image_size: int) -> None:
-    """Copy ``bundle_root/configs`` to ``dest/configs``, with metadata and inference config set to the model's size."""
+def write_configs(dest: str | os.PathLike, bundle_root: str | os.PathLike, model_size: str, image_size: int,
+                  record: Mapping | None = None) -> None:
+    """Copy ``bundle_root/configs`` to ``dest/configs``, with metadata and inference config set to the model's size
+    (and ``record``, its architecture, in the metadata)."""
     from monai.bundle import ConfigParser
 
     src, dst = configs_dir(bundle_root), os.path.join(os.fspath(dest), "configs")
     if os.path.abspath(src) != os.path.abspath(dst):
         shutil.copytree(src, dst, dirs_exist_ok=True)
-    meta, infer = bundle_configs(os.fspath(bundle_root), model_size, image_size)
+    meta, infer = bundle_configs(os.fspath(bundle_root), model_size, image_size, record=record)
     ConfigParser.export_config_file(meta, os.path.join(dst, "metadata.json"), fmt="json", indent=4)
     ConfigParser.export_config_file(infer, os.path.join(dst, "inference.yaml"), fmt="yaml", sort_keys=False)
 
 
 def write_bundle(
-    net: PromptableSAM, dest: str | os.PathLike, bundle_root: str | os.PathLike = ".", verify: bool = True
+    net: PromptableSAM, dest: str | os.PathLike, bundle_root: str | os.PathLike = ".", verify: bool = True,
+    task: str | None = None,
 ) -> dict[str, str]:
     """A self-contained bundle folder at ``dest`` (e.g. a MONAI Label model folder): ``configs/`` of
     ``bundle_root`` set to ``net``'s size and ``models/model.pt`` + ``models/model.ts`` exported from ``net``."""
     dest = os.fspath(dest)
-    out = export_bundle(net, os.path.join(dest, "models"), bundle_root, verify=verify)
-    write_configs(dest, bundle_root, net.model_size, net.image_size)
+    out = export_bundle(net, os.path.join(dest, "models"), bundle_root, verify=verify, task=task)
+    write_configs(dest, bundle_root, net.model_size, net.image_size, export_record(net, task))
     return out
 
 

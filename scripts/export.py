@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Export a training checkpoint as the bundle's deployable models (docs/deploy.md).
 
-    python scripts/export.py --checkpoint models/best_model.pt --model_size vit_b --image_size 224 --lora_rank 64
+    python scripts/export.py --checkpoint models/best_model.pt
 
-writes models/model.pt (LoRA merged into the weights: PromptableSAM(lora_rank=0) loads it strictly, as
+builds the network the checkpoint records (model_size, image_size, LoRA: checkpoints written before the record need
+--model_size / --image_size / --lora_rank; a flag that contradicts the record is refused) and writes models/model.pt (LoRA merged into the weights: PromptableSAM(lora_rank=0) loads it strictly, as
 configs/inference.yaml does) and models/model.ts (TorchScript with extra/metadata.json and extra/inference.json:
 MONAI Label, MONAI Deploy). The TorchScript output is checked against the eager network.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere: the bundle package is beside
 
-from bundle.checkpoints import load_network  # noqa: E402
+from bundle.checkpoints import load_network, recorded_architecture  # noqa: E402
 from bundle.export import export_bundle  # noqa: E402
 from bundle.networks import SAM_SIZES, CheckpointError  # noqa: E402
 
@@ -29,12 +30,13 @@ def main(argv=None) -> int:
                    help="training checkpoint (a dict with key --key holding the network state, as MONAI's "
                         "CheckpointSaver writes) or a bare PromptableSAM state dict")
     p.add_argument("--key", default="network", help="key of the network state in the checkpoint (default: network)")
-    p.add_argument("--model_size", default="vit_b", choices=sorted(SAM_SIZES), help="SAM size trained (default vit_b)")
-    p.add_argument("--image_size", type=int, default=224, help="input size trained (default 224)")
-    p.add_argument("--lora_rank", type=int, default=64, help="LoRA rank trained, 0 if none (default 64)")
+    recorded = " (default: what the checkpoint records, else {})".format
+    p.add_argument("--model_size", choices=sorted(SAM_SIZES), help="SAM size trained" + recorded("vit_b"))
+    p.add_argument("--image_size", type=int, help="input size trained" + recorded(224))
+    p.add_argument("--lora_rank", type=int, help="LoRA rank trained, 0 if none" + recorded(64))
     p.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha trained (default: the rank)")
-    p.add_argument("--lora_targets", nargs="+", default=["qkv", "proj", "lin1", "lin2"],
-                   help="image-encoder linears with adapters (default: qkv proj lin1 lin2)")
+    p.add_argument("--lora_targets", nargs="+",
+                   help="image-encoder linears with adapters" + recorded("qkv proj lin1 lin2"))
     p.add_argument("--trainable_parts", "--trainable", nargs="*", default=["prompt_encoder", "mask_decoder"],
                    help="SAM parts trained in full (default: prompt_encoder mask_decoder)")
     p.add_argument("--bundle_root", default=str(ROOT), help="bundle whose configs/ go into model.ts (default: this)")
@@ -42,15 +44,17 @@ def main(argv=None) -> int:
     p.add_argument("--no_verify", action="store_true", help="skip the merged / TorchScript output checks")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    given = {k: getattr(a, k) for k in ("model_size", "image_size", "lora_rank", "lora_targets")
+             if getattr(a, k) is not None}  # the rest from the checkpoint's record (PromptableSAM's defaults without)
     try:
-        net = load_network(
-            a.checkpoint, key=a.key, model_size=a.model_size, image_size=a.image_size, lora_rank=a.lora_rank,
-            lora_alpha=a.lora_alpha, lora_targets=a.lora_targets, trainable_parts=a.trainable_parts,
-        )
+        net = load_network(a.checkpoint, key=a.key, lora_alpha=a.lora_alpha, trainable_parts=a.trainable_parts,
+                           **given)
+        task = recorded_architecture(a.checkpoint).get("task")
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = export_bundle(net, a.output_dir or str(Path(a.bundle_root) / "models"), a.bundle_root, verify=not a.no_verify)
+    out = export_bundle(net, a.output_dir or str(Path(a.bundle_root) / "models"), a.bundle_root,
+                        verify=not a.no_verify, task=task)
     for name, path in out.items():
         print(f"{name}: {path}")
     return 0

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from bundle.checkpoints import build_network, load_network
+from bundle.checkpoints import build_network, load_network, read_state_dict
 from bundle.export import VERIFY_CASES, example_inputs, export_torchscript, merge_lora, write_bundle
 from bundle.networks import CheckpointError, PromptableSAM
 from conftest import REPO
@@ -51,7 +51,7 @@ def test_merge_lora_gives_the_same_function_and_loads_strictly(tmp_path):
             assert not torch.allclose(net(x), merged(x), atol=1e-3)
     torch.save(merged.state_dict(), tmp_path / "model.pt")
     fresh = PromptableSAM("tiny", image_size=64, lora_rank=0)
-    fresh.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True), strict=True)
+    fresh.load_state_dict(read_state_dict(tmp_path / "model.pt"), strict=True)
     with torch.no_grad():
         assert torch.allclose(fresh.eval()(x), merged(x))
 
@@ -118,7 +118,7 @@ def test_export_script_from_training_checkpoint(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out_dir / "model.pt").is_file() and (out_dir / "model.ts").is_file()
     merged = PromptableSAM("tiny", image_size=64, lora_rank=0)
-    merged.load_state_dict(torch.load(out_dir / "model.pt", weights_only=True), strict=True)
+    merged.load_state_dict(read_state_dict(out_dir / "model.pt"), strict=True)
     ts = torch.jit.load(str(out_dir / "model.ts"))
     x = example_inputs(net, 2, (3, 2))
     with torch.no_grad():

@@ -328,11 +328,11 @@ def test_training_starts_on_datastore_labels(server, tmp_path):
     assert len(runs) == 1 and (runs[0] / "models" / "checkpoint_epoch=1.pt").is_file()
     assert (runs[0] / "models" / "model.pt").is_file()  # the run's own export
     # continued training: the run started from the served model (its SAM base holds the served weights) ...
-    from bundle.checkpoints import build_network
+    from bundle.checkpoints import build_network, read_state_dict
 
     assert (runs[0] / "served_before" / "model.pt").read_bytes() == before["model.pt"]  # kept to roll back
     served_before = build_network("tiny", SIZE, lora_rank=0)
-    served_before.load_state_dict(torch.load(runs[0] / "served_before" / "model.pt", weights_only=True))
+    served_before.load_state_dict(read_state_dict(runs[0] / "served_before" / "model.pt"))
     start = torch.load(runs[0] / "served_start.pth", weights_only=True)
     for key, value in served_before._sam.state_dict().items():
         assert torch.equal(start[key], value), key

@@ -1,5 +1,5 @@
 """The README says what the bundle does: its evaluation example evaluates the task its training example trains
-with the model size given, the learning-rate metric it names is the one the training config logs, and an error
+(the size read from the checkpoint), the learning-rate metric it names is the one the training config logs, and an error
 raised inside a bundle config ends the traceback with the bundle's own message."""
 
 import re
@@ -18,12 +18,13 @@ def _commands(run_id: str) -> list[str]:
     return [b.replace("\\\n", " ") for b in blocks if f"monai.bundle run {run_id}" in b]
 
 
-def test_evaluation_example_evaluates_the_trained_task_with_its_model_size():
+def test_evaluation_example_evaluates_the_trained_task_without_a_size_flag():
     train = next(c for c in _commands("training") if "configs/tasks/" in c)
     evaluate = _commands("evaluating")[0]
     task = re.search(r"configs/tasks/(\w+)\.yaml", train).group(1)
     assert f"configs/tasks/{task}.yaml" in evaluate, f"README trains {task} but evaluates another task"
-    assert "--model_size" in evaluate
+    # the checkpoint records its architecture: the example needs no size flag (tests/test_default_flow.py runs it)
+    assert "--model_size" not in evaluate and "--image_size" not in evaluate
 
 
 def test_readme_names_the_learning_rate_metric_the_training_logs():

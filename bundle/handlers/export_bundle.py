@@ -13,7 +13,7 @@ import time
 from ignite.engine import Events
 
 from bundle.checkpoints import load_weights
-from bundle.export import ARTIFACT_PATH, bundle_configs, export_bundle
+from bundle.export import ARTIFACT_PATH, bundle_configs, export_bundle, export_record
 from bundle.networks import PromptableSAM
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ class ExportBundle:
         verify: check merged, eager and TorchScript outputs against each other.
         resume_from: the training state this run resumed from, if any: ``checkpoint`` written before the resume is
             then this run's best and is exported (otherwise only a ``checkpoint`` written by this process is).
+        task: the task trained, recorded in ``model.pt`` with the architecture (:func:`bundle.export.export_record`).
     """
 
     def __init__(
@@ -54,14 +55,15 @@ class ExportBundle:
         artifact_path: str = ARTIFACT_PATH,
         verify: bool = True,
         resume_from: str | None = None,
+        task: str | None = None,
     ) -> None:
-        self.resume_from = resume_from
+        self.resume_from, self.task = resume_from, task
         self.output_dir, self.bundle_root, self.network, self.checkpoint = output_dir, bundle_root, network, checkpoint
         self.tracking_uri, self.mlflow_handler = tracking_uri, mlflow_handler
         self.experiment_name, self.run_name, self.artifact_path, self.verify = experiment_name, run_name, artifact_path, verify
         self.run_id: str | None = None
         self.exported: dict[str, str] = {}
-        self.exported_size: tuple[str, int] = ("vit_b", 224)
+        self.record: dict = {}
 
     def attach(self, engine) -> None:
         engine.add_event_handler(Events.STARTED, self._started)
@@ -92,8 +94,8 @@ class ExportBundle:
         net = self._network(engine)
         was_training = net.training
         try:
-            self.exported = export_bundle(net, self.output_dir, self.bundle_root, verify=self.verify)
-            self.exported_size = (net.model_size, net.image_size)
+            self.exported = export_bundle(net, self.output_dir, self.bundle_root, verify=self.verify, task=self.task)
+            self.record = export_record(net, self.task)
         finally:
             net.train(was_training)
         logger.info("Exported the bundle models: %s, %s", self.exported["model.pt"], self.exported["model.ts"])
@@ -132,7 +134,8 @@ class ExportBundle:
             os.makedirs(os.path.join(root, "configs"))
             for name in ("model.pt", "model.ts"):
                 shutil.copy2(self.exported[name], os.path.join(root, "models", name))
-            meta, infer = bundle_configs(self.bundle_root, *self.exported_size)
+            meta, infer = bundle_configs(self.bundle_root, self.record["model_size"], self.record["image_size"],
+                                         record=self.record)
             ConfigParser.export_config_file(meta, os.path.join(root, "configs", "metadata.json"), fmt="json", indent=4)
             ConfigParser.export_config_file(
                 infer, os.path.join(root, "configs", "inference.yaml"), fmt="yaml", sort_keys=False

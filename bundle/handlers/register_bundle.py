@@ -17,7 +17,7 @@ class RegisterBundle:
 
     Version tags: ``<key metric>`` (``val_mean_dice``: the best validation Dice, the checkpoint that was exported;
     ``none (no validation ran)`` otherwise), ``<key metric>_epoch``, ``training_run_id``, ``training_run_name``,
-    ``model_size``, ``image_size``. The version's source is ``runs:/<run id>/bundle``; serve it as
+    ``model_size``, ``image_size``, ``task`` (from the exported architecture record). The version's source is ``runs:/<run id>/bundle``; serve it as
     ``models:/<name>/<version>`` (docs/deploy.md).
 
     Args:
@@ -51,9 +51,10 @@ class RegisterBundle:
             tags[key], tags[f"{key}_epoch"] = f"{float(state.best_metric):.6g}", str(state.best_metric_epoch)
         else:
             tags[key] = "none (no validation ran)"
-        size = getattr(self.export_handler, "exported_size", None)
-        if size:
-            tags["model_size"], tags["image_size"] = str(size[0]), str(size[1])
+        record = getattr(self.export_handler, "record", None) or {}
+        for key in ("model_size", "image_size", "task"):
+            if record.get(key) is not None:
+                tags[key] = str(record[key])
         mlflow_handler = getattr(self.export_handler, "mlflow_handler", None)
         run = getattr(mlflow_handler, "cur_run", None)
         name = getattr(getattr(run, "info", None), "run_name", None) or getattr(mlflow_handler, "run_name", None)

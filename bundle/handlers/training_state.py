@@ -70,6 +70,7 @@ class TrainingState:
         optimizer, lr_scheduler: saved and restored with it.
         resume_from: a saved state to load before training starts, or None to start afresh.
         sam_checkpoint, seed: the base the network was built from (named in the checkpoint).
+        task: the task trained, recorded with the network's architecture (:func:`bundle.checkpoints.architecture`).
         validator, best_saver: the validation engine and its best-model ``CheckpointSaver``.
         save_interval: epochs between saves.
         save: False to only resume (the ranks other than 0 of a distributed run: rank 0 writes the state).
@@ -88,11 +89,12 @@ class TrainingState:
         best_saver=None,
         save_interval: int = 1,
         save: bool = True,
+        task: str | None = None,
     ) -> None:
         self.ckpt_dir, self.resume_from, self.save_interval = ckpt_dir, resume_from, save_interval
         self.saves = save
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
-        self.objects = {"base": BaseModel(network, sam_checkpoint, seed), "network": TrainedWeights(network),
+        self.objects = {"base": BaseModel(network, sam_checkpoint, seed, task), "network": TrainedWeights(network),
                         "optimizer": optimizer}
         if lr_scheduler is not None:
             self.objects["lr_scheduler"] = lr_scheduler

@@ -109,6 +109,7 @@ class PromptableSAM(nn.Module):
         sam, self.initialisation = _initial_sam(model_size, image_size, sam_checkpoint, require_checkpoint, seed)
         check_lora_args(lora_rank, lora_alpha, lora_targets, trainable_parts)
         self.lora_rank = lora_rank
+        self.lora_targets = tuple(lora_targets) if lora_rank > 0 else ()
         if lora_rank > 0:
             self.sam = add_lora(sam, lora_rank, lora_alpha, lora_targets, trainable_parts)
         else:

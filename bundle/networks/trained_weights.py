@@ -7,7 +7,13 @@ Training changes only the LoRA adapters and the trained copies of the prompt enc
 
 * ``network``: :class:`TrainedWeights`, the trained tensors only (:func:`trained_keys`);
 * ``base``: :class:`BaseModel`, the base they apply to: the official SAM checkpoint (path and sha256 of the file)
-  or ``random`` initialisation with its seed, and a fingerprint (sha256) of the base tensors themselves.
+  or ``random`` initialisation with its seed, and a fingerprint (sha256) of the base tensors themselves; and the
+  network's architecture (:func:`architecture`: model_size, image_size, LoRA, the task), so that every consumer
+  rebuilds the network from the file instead of from flags.
+
+The exported ``models/model.pt`` records the same architecture beside its merged state dict (:func:`exported`).
+:func:`check_architecture` refuses a network that contradicts a file's record (an override such as
+``--model_size vit_b`` for a ``small`` model), naming both.
 
 Loading into a network whose base differs fails with a :class:`BaseMismatchError` that says which base the
 checkpoint wants and which one the network has. Both classes have ``state_dict`` / ``load_state_dict``, so Ignite's
@@ -30,6 +36,49 @@ from bundle.networks.sam_builder import SAM_SIZES, CheckpointError
 
 class BaseMismatchError(CheckpointError):
     """Trained weights loaded onto a network built from another base."""
+
+
+# what a PromptableSAM is built from, as recorded in checkpoints and model.pt (its constructor's argument names)
+ARCHITECTURE_KEYS = ("model_size", "image_size", "in_channels", "lora_rank", "lora_targets")
+EXPORT_KEY = "model"  # the state dict of model.pt: MONAI Label's BasicInferTask reads checkpoint["model"]
+
+
+def architecture(net: nn.Module, task: str | None = None) -> dict:
+    """What rebuilds ``net``: ``model_size``, ``image_size``, ``in_channels``, ``lora_rank``, ``lora_targets``,
+    ``max_points`` (the constructor arguments of :class:`~bundle.networks.PromptableSAM`) and the ``task``."""
+    record = {k: getattr(net, k, None) for k in (*ARCHITECTURE_KEYS, "max_points")}
+    record["lora_targets"] = list(record["lora_targets"] or [])
+    return {**record, "task": task}
+
+
+def exported(state: Mapping[str, torch.Tensor], record: Mapping) -> dict:
+    """The content of ``models/model.pt``: the merged state dict under :data:`EXPORT_KEY` and its
+    ``architecture``."""
+    return {EXPORT_KEY: dict(state), "architecture": dict(record)}
+
+
+def describe_architecture(record: Mapping) -> str:
+    parts = [f"{k} {record[k]}" for k in ("model_size", "image_size", "lora_rank") if record.get(k) is not None]
+    return ", ".join(parts)
+
+
+def check_architecture(record: Mapping | None, net: nn.Module, source: str) -> None:
+    """Raise :class:`CheckpointError` if ``net`` was built otherwise than the checkpoint ``source`` records
+    (``record``: its architecture; None or empty for files written before the record: nothing to check)."""
+    if not record:
+        return
+    own = architecture(net)
+    keys = [k for k in ARCHITECTURE_KEYS if record.get(k) is not None and k != "lora_targets"]
+    if int(record.get("lora_rank") or 0) and int(own["lora_rank"] or 0):
+        keys.append("lora_targets")
+    differ = [k for k in keys if (list(record[k]) if k == "lora_targets" else record[k]) != own[k]]
+    if differ:
+        said = ", ".join(f"{k} {own[k]} (the file records {record[k]})" for k in differ)
+        raise CheckpointError(
+            f"{source}: does not fit PromptableSAM({describe_architecture(own)}); the checkpoint records "
+            f"{describe_architecture(record)}: {said}. The configs build the network from this record; drop the "
+            f"--{' / --'.join(differ)} override, or pass the values it records."
+        )
 
 
 def trained_keys(net: nn.Module) -> list[str]:
@@ -78,10 +127,12 @@ class BaseModel:
         sam_checkpoint: the official checkpoint it was built from (configs: ``sam_checkpoint``); ignored when the
             network says it starts from random initialisation.
         seed: the seed of a random base (``PromptableSAM(seed=...)``).
+        task: the task trained (``t1`` / ``t2`` / ``organ``), recorded in the architecture.
     """
 
-    def __init__(self, network: nn.Module, sam_checkpoint: str | None = None, seed: int | None = None) -> None:
-        self.network, self.sam_checkpoint, self.seed = network, sam_checkpoint, seed
+    def __init__(self, network: nn.Module, sam_checkpoint: str | None = None, seed: int | None = None,
+                 task: str | None = None) -> None:
+        self.network, self.sam_checkpoint, self.seed, self.task = network, sam_checkpoint, seed, task
         self._record: dict | None = None
 
     def state_dict(self) -> dict:
@@ -96,6 +147,7 @@ class BaseModel:
                 "model_size": getattr(self.network, "model_size", None),
                 "image_size": getattr(self.network, "image_size", None),
                 "fingerprint": base_fingerprint(self.network),
+                "architecture": architecture(self.network, self.task),
             }
         return dict(self._record)
 

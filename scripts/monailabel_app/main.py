@@ -46,11 +46,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pathlib
 import sys
 import time
 from typing import Dict
 
 from fastapi import HTTPException
+from monailabel.config import settings
+from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
@@ -67,17 +70,143 @@ logger = logging.getLogger(__name__)
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
-def _bad_input(exc: BaseException):
-    """The bundle's PromptInputError (or another ValueError raised by the bundle's transforms) in ``exc``'s chain."""
-    from bundle.clicks import PromptInputError
-
+def _in_chain(exc: BaseException, cls: type):
+    """The first exception of type ``cls`` in ``exc``'s chain of causes, or None."""
     seen, e = set(), exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, PromptInputError):
+        if isinstance(e, cls):
             return e
         e = e.__cause__ or e.__context__
     return None
+
+
+def _bad_input(exc: BaseException):
+    """The bundle's PromptInputError (a bad click or image in the request) in ``exc``'s chain."""
+    from bundle.clicks import PromptInputError
+
+    return _in_chain(exc, PromptInputError)
+
+
+def check_name(value, field: str) -> str:
+    """``value``, an id, tag or file name that a request gives, if it can only name one entry of one folder;
+    ``HTTPException`` 422 naming ``field`` otherwise: empty, a path separator (``/``, ``\\``), NUL or another
+    control character, a leading ``.`` (``..``, a hidden file), or longer than 200 bytes."""
+    problem = None
+    if not isinstance(value, str) or not value:
+        problem = "is empty"
+    elif "/" in value or "\\" in value:
+        problem = "holds a path separator"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in value):
+        problem = "holds a control character (NUL, newline, ...)"
+    elif value.startswith("."):
+        problem = "starts with '.'"
+    elif len(value.encode("utf-8", "surrogatepass")) > 200:
+        problem = "is longer than 200 bytes"
+    if problem:
+        raise HTTPException(status_code=422, detail=f"{field} {value!r} {problem}: expected a plain name such as "
+                                                    "'img0' (no folder, no '..')")
+    return value
+
+
+def check_file_name(name: str | None, field: str, patterns) -> str:
+    """``name``, the file name of an upload, checked as :func:`check_name` and against the datastore's file
+    ``patterns`` (``*.png``, ``*.nii.gz``, ...); ``""`` for an upload without a name."""
+    import fnmatch
+
+    if not name:
+        return ""
+    check_name(name, f"{field} file name")
+    if patterns and not any(fnmatch.fnmatch(name.lower(), p.lower()) for p in patterns):
+        raise HTTPException(status_code=422, detail=f"{field} file name {name!r} is not one of the datastore's file "
+                                                    f"types {list(patterns)}")
+    return name
+
+
+class CheckedDatastore(LocalDatastore):
+    """MONAI Label's ``LocalDatastore`` with every id and tag a request gives checked (:func:`check_name`) before a
+    file is opened or written, and an unknown image or label answered 404. ``LocalDatastore`` itself joins the
+    request's id onto its folder, so ``../../x`` or an absolute id would write outside it (docs/deploy.md)."""
+
+    def _known(self, image_id: str, field: str = "image") -> str:
+        check_name(image_id, field)
+        if image_id not in self._datastore.objects:
+            raise HTTPException(status_code=404, detail=f"no image '{image_id}' in the datastore")
+        return image_id
+
+    def _label(self, label_id: str, tag: str) -> None:
+        check_name(label_id, "label")
+        check_name(tag, "tag")
+        if not self._datastore.label(label_id, tag):
+            raise HTTPException(status_code=404, detail=f"no label '{label_id}' with tag '{tag}' in the datastore")
+
+    def add_image(self, image_id, image_filename, image_info):
+        name = os.path.basename(image_filename)
+        check_name(image_id or self._to_id(name)[0], "image")
+        check_file_name(name, "image", self._extensions)
+        return super().add_image(image_id, image_filename, image_info)
+
+    def save_label(self, image_id, label_filename, label_tag, label_info):
+        self._known(image_id)
+        check_name(label_tag, "tag")
+        return super().save_label(image_id, label_filename, label_tag, label_info)
+
+    def remove_image(self, image_id):
+        return super().remove_image(self._known(image_id, "id"))
+
+    def remove_label(self, label_id, label_tag):
+        self._label(label_id, label_tag)
+        return super().remove_label(label_id, label_tag)
+
+    def get_image_uri(self, image_id):
+        return super().get_image_uri(image_id if image_id in self._datastore.objects else check_name(image_id, "image"))
+
+    def get_image_info(self, image_id):
+        return super().get_image_info(self._known(image_id))
+
+    def update_image_info(self, image_id, info):
+        return super().update_image_info(self._known(image_id), info)
+
+    def get_label_uri(self, label_id, label_tag):
+        if not self._datastore.label(label_id, label_tag):
+            check_name(label_id, "label")
+            check_name(label_tag, "tag")
+        return super().get_label_uri(label_id, label_tag)
+
+    def get_label_info(self, label_id, label_tag):
+        self._label(label_id, label_tag)
+        return super().get_label_info(label_id, label_tag)
+
+    def update_label_info(self, label_id, label_tag, info):
+        self._label(label_id, label_tag)
+        return super().update_label_info(label_id, label_tag, info)
+
+
+def exposure_warning(host: str | None, auth: bool) -> str | None:
+    """The warning for a server that listens on ``host`` (None: unknown) without MONAI Label's authentication
+    (``auth``) on an address other than loopback, or None."""
+    import ipaddress
+
+    if auth or host is None or host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host.strip("[]")).is_loopback:
+            return None
+    except ValueError:  # a host name: it may resolve to any interface
+        pass
+    return (f"SAMPO: the server listens on {host} without authentication (MONAI_LABEL_AUTH_ENABLE is false): anyone "
+            "who can reach the port can read and write the datastore and start trainings. Listen on 127.0.0.1 "
+            "behind a reverse proxy that authenticates, or enable MONAI Label's authentication (docs/deploy.md)")
+
+
+def _listen_host(argv) -> str | None:
+    """The ``--host`` / ``-i`` of ``monailabel start_server`` in ``argv`` (its default 0.0.0.0), else None."""
+    for i, a in enumerate(argv):
+        if a in ("-i", "--host") and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--host="):
+            return a.split("=", 1)[1]
+    return "0.0.0.0" if "start_server" in argv else None
 
 
 class SAMPOTrainTask(BundleTrainTask):
@@ -113,6 +242,10 @@ class SAMPOTrainTask(BundleTrainTask):
     def check_request(self, request, datastore) -> tuple[int, int]:
         """(training, validation) item counts of ``request`` on ``datastore``; ``HTTPException`` 422 for a bad
         ``max_epochs`` / ``val_split``, 400 when there is nothing to train on."""
+        wanted = _first(request.get("model_filename"))
+        if wanted is not None and check_name(wanted, "model_filename") != "model.pt":
+            raise HTTPException(status_code=422, detail=f"model_filename {wanted!r}: training continues from the "
+                                                        "served models/model.pt ('model.pt', or leave it out)")
         epochs = request.get("max_epochs", 50)
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise HTTPException(status_code=422, detail=f"max_epochs must be an integer >= 1, got {epochs!r}")
@@ -200,6 +333,35 @@ class SAMPOTrainTask(BundleTrainTask):
         return overrides
 
 
+class SAMPOInferTask(BundleInferTask):
+    """``BundleInferTask`` whose model file, when torch cannot load it into the network, is explained by the
+    bundle's loader (:class:`bundle.networks.CheckpointError` naming the file and what does not fit) instead of
+    torch's ``Error(s) in loading state_dict``."""
+
+    def check_model(self, path: str | None = None) -> None:
+        """Raise ``CheckpointError`` / ``FileNotFoundError`` naming the cause if ``path`` (default: the served
+        ``models/model.pt``) does not load into the network (the server checks this at start)."""
+        import copy
+
+        from bundle.checkpoints import load_weights
+
+        load_weights(copy.deepcopy(self.network).cpu(), path or self.get_path())
+
+    def _get_network(self, device, data):
+        try:
+            return super()._get_network(device, data)
+        except RuntimeError as e:
+            self.check_model()  # raises naming the cause where torch's message does not
+            raise e
+
+
+def _model_error(exc: BaseException):
+    """The bundle's CheckpointError in ``exc``'s chain (a served model that cannot be loaded)."""
+    from bundle.networks import CheckpointError
+
+    return _in_chain(exc, CheckpointError)
+
+
 def _first(value):
     return value[0] if isinstance(value, (list, tuple)) and value else value
 
@@ -247,9 +409,43 @@ def _checked_inference(run_inference):
             raise HTTPException(
                 status_code=400, detail="no image: give ?image=<datastore image id> or upload the image as 'file'"
             )
+        _check_fields(image=image, session_id=session_id)  # before the upload is written to a temporary file
+        patterns = _datastore_patterns()
+        check_file_name(getattr(file, "filename", None), "file", patterns)
+        check_file_name(getattr(label, "filename", None), "label", patterns)
         return run_inference(background_tasks, model, image, session_id, params, file, label, output)
 
     run.__wrapped__ = run_inference
+    return run
+
+
+def _check_fields(**fields) -> None:
+    """:func:`check_name` on each given (non-None, non-empty) request field."""
+    for field, value in fields.items():
+        if value:
+            check_name(value, field)
+
+
+def _datastore_patterns() -> list:
+    """The file patterns the served datastore holds (``--conf`` / MONAI_LABEL_DATASTORE_FILE_EXT)."""
+    from monailabel.interfaces.utils.app import app_instance
+
+    return list(getattr(app_instance().datastore(), "_extensions", None) or settings.MONAI_LABEL_DATASTORE_FILE_EXT)
+
+
+def _checked_image_add(add_image):
+    """MONAI Label's ``add_image`` (``PUT /datastore/image``) with the image id and the upload's file name checked
+    before the upload is written anywhere (the datastore checks again, :class:`CheckedDatastore`)."""
+
+    def run(background_tasks, image=None, params="{}", file=None, user=None):
+        if image is not None:
+            check_name(image, "image")
+        name = check_file_name(getattr(file, "filename", None), "file", _datastore_patterns())
+        if image is None and name:  # the id MONAI Label takes from the file name
+            check_name(name.replace("".join(pathlib.PurePath(name).suffixes), ""), "image")
+        return add_image(background_tasks, image, params, file, user)
+
+    run.__wrapped__ = add_image
     return run
 
 
@@ -279,6 +475,10 @@ def _checked_label_save(save_label):
     def run(background_tasks, image, params="{}", tag="final", label=None, user=None):
         from monailabel.interfaces.utils.app import app_instance
 
+        check_name(image, "image")
+        if tag:
+            check_name(tag, "tag")
+        check_file_name(getattr(label, "filename", None), "label", _datastore_patterns())
         instance = app_instance()
         sampo = isinstance(instance, SAMPOApp)
         if sampo:
@@ -305,6 +505,8 @@ def _check_requests() -> None:
         train_endpoint.run_model = _checked_training(train_endpoint.run_model)
     if not hasattr(datastore_endpoint.save_label, "__wrapped__"):
         datastore_endpoint.save_label = _checked_label_save(datastore_endpoint.save_label)
+    if not hasattr(datastore_endpoint.add_image, "__wrapped__"):
+        datastore_endpoint.add_image = _checked_image_add(datastore_endpoint.add_image)
 
 
 def _answer_invalid_json_with_422() -> None:
@@ -363,13 +565,37 @@ class SAMPOApp(MONAILabelApp):
             logger.error("SAMPO: cannot serve --conf bundle %s: %s", bundle, e)
             raise
 
+    def init_datastore(self):
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return CheckedDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
     def on_init_complete(self):
         super().on_init_complete()
+        warning = exposure_warning(_listen_host(sys.argv), bool(settings.MONAI_LABEL_AUTH_ENABLE))
+        if warning:
+            logger.warning(warning)
         _answer_invalid_json_with_422()
         _check_requests()
 
     def init_infers(self) -> Dict[str, InferTask]:
-        task = BundleInferTask(self.sampo_bundle, self.conf, type=InferType.DEEPGROW, load_strict=True)
+        from bundle.networks import CheckpointError
+
+        try:  # configs/inference.yaml builds the network that models/model.pt records
+            task = SAMPOInferTask(self.sampo_bundle, self.conf, type=InferType.DEEPGROW, load_strict=True)
+            if task.is_valid():
+                task.check_model()  # a model that cannot be served stops the server now, not at the first click
+        except Exception as e:  # also raised inside the config's expressions (monai wraps those)
+            cause = _in_chain(e, CheckpointError) or _in_chain(e, FileNotFoundError)
+            if cause is None:
+                raise
+            logger.error("SAMPO: cannot serve the bundle %s: %s", self.sampo_bundle, cause)
+            raise RuntimeError(f"SAMPO: cannot serve the bundle {self.sampo_bundle}: {cause}") from e
         if not task.is_valid():
             raise RuntimeError(f"{self.sampo_bundle}: not a usable bundle (configs/inference.yaml + models/model.pt)")
         offered = loadable_models(os.path.join(self.sampo_bundle, "models"), task.network)
@@ -408,14 +634,12 @@ class SAMPOApp(MONAILabelApp):
             return result
         except HTTPException:
             raise
-        except MONAILabelException as e:
-            if e.error == MONAILabelError.INVALID_INPUT:
-                raise HTTPException(status_code=422, detail=e.msg) from e
-            bad = _bad_input(e)
-            if bad is None:
-                raise
-            raise HTTPException(status_code=422, detail=str(bad)) from e
         except Exception as e:
+            if isinstance(e, MONAILabelException) and e.error == MONAILabelError.INVALID_INPUT:
+                raise HTTPException(status_code=422, detail=e.msg) from e
+            broken = _model_error(e)
+            if broken is not None:  # the served model file was replaced by one that does not load
+                raise HTTPException(status_code=500, detail=f"the served model cannot be loaded: {broken}") from e
             bad = _bad_input(e)
             if bad is None:
                 raise
