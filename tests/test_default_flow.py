@@ -60,7 +60,7 @@ def test_training_records_the_architecture(trained):
 def test_readme_inference_needs_no_architecture_flag(trained, tmp_path):
     img = (np.random.default_rng(0).random((300, 200, 3)) * 255).astype(np.uint8)
     Image.fromarray(img).save(tmp_path / "tile.png")
-    (tmp_path / "clicks.json").write_text(json.dumps({"foreground": [[50, 60]], "background": [[10, 10]]}))
+    (tmp_path / "clicks.json").write_text(json.dumps({"foreground": [[50, 60]], "background": [[10, 10]]}), encoding="utf-8")
     bundle_cmd(trained, "run", "--config_file", "configs/inference.yaml", "--input_image", str(tmp_path / "tile.png"),
                "--clicks", str(tmp_path / "clicks.json"))
     mask = np.array(Image.open(tmp_path / "tile_seg.png"))
@@ -70,7 +70,7 @@ def test_readme_inference_needs_no_architecture_flag(trained, tmp_path):
 def test_an_override_that_contradicts_the_record_is_refused(trained, tmp_path):
     img = (np.random.default_rng(1).random((64, 64, 3)) * 255).astype(np.uint8)
     Image.fromarray(img).save(tmp_path / "tile.png")
-    (tmp_path / "clicks.json").write_text(json.dumps({"foreground": [[5, 6]]}))
+    (tmp_path / "clicks.json").write_text(json.dumps({"foreground": [[5, 6]]}), encoding="utf-8")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     r = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml",
                         "--input_image", str(tmp_path / "tile.png"), "--clicks", str(tmp_path / "clicks.json"),
@@ -85,7 +85,7 @@ def test_an_override_that_contradicts_the_record_is_refused(trained, tmp_path):
 def test_evaluation_needs_no_architecture_flag(trained):
     bundle_cmd(trained, "run", "evaluating", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']",
                "--sensitivity", "False", "--eval_max_images", "2", *SHORT[6:])
-    summary = json.loads((trained / "eval" / "evaluation" / "summary.json").read_text())
+    summary = json.loads((trained / "eval" / "evaluation" / "summary.json").read_text(encoding="utf-8"))
     assert summary  # the evaluation ran on the trained small model
 
 
@@ -94,8 +94,8 @@ def test_export_script_needs_no_architecture_flag(trained, tmp_path):
 
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "export.py"), "--checkpoint",
                         str(trained / "models" / "best_model.pt"), "--output_dir", str(tmp_path), "--no_verify"],
-                       capture_output=True, text=True, timeout=600, cwd=str(trained),
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+                       capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
+                       cwd=str(trained), env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert read_state_dict(tmp_path / "model.pt").keys() == read_state_dict(trained / "models" / "model.pt").keys()
 
@@ -137,6 +137,6 @@ def test_deploy_app_runs_the_trained_bundle(trained, tmp_path):
     in_dir.mkdir()
     hu = np.random.default_rng(3).normal(0, 300, (40, 32, 4)).astype(np.int16)
     nib.save(nib.Nifti1Image(hu, np.diag([-0.8, -0.8, 2.5, 1.0])), in_dir / "ct.nii.gz")
-    (in_dir / "clicks.json").write_text(json.dumps({"foreground": [[12, 10]], "slice_index": 2}))
+    (in_dir / "clicks.json").write_text(json.dumps({"foreground": [[12, 10]], "slice_index": 2}), encoding="utf-8")
     run_app(py, "file", in_dir, tmp_path / "output", trained / "models" / "model.ts")
     assert nib.load(tmp_path / "output" / "ct_seg.nii.gz").shape == hu.shape

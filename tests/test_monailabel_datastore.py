@@ -197,7 +197,7 @@ def test_the_server_still_answers_clicks_after_the_refusals(server):
     r = requests.post(f"{server['url']}/infer/sampo", timeout=300, **infer_args())
     assert r.status_code == 200, r.text
     assert np.array(Image.open(io.BytesIO(r.content))).shape == (48, 64)
-    assert "listens on 127.0.0.1 without authentication" not in (server["root"] / "server.log").read_text("utf-8")
+    assert "listens on 127.0.0.1 without authentication" not in (server["root"] / "server.log").read_text(encoding="utf-8")
 
 
 def test_an_exposed_server_without_authentication_is_warned_about():
@@ -206,7 +206,7 @@ def test_an_exposed_server_without_authentication_is_warned_about():
             "print(repr(main.exposure_warning('0.0.0.0', True))); print(repr(main.exposure_warning('127.0.0.1', False)));"
             "print(repr(main.exposure_warning('::1', False))); print(repr(main.exposure_warning('10.1.2.3', False)))")
     r = subprocess.run([label_python(), "-c", code, str(REPO / "scripts" / "monailabel_app")], capture_output=True,
-                       text=True, cwd=str(REPO), env=dict(os.environ, PYTHONPATH=str(REPO)))
+                       text=True, encoding="utf-8", cwd=str(REPO), env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert r.returncode == 0, r.stderr
     default, with_auth, loopback, loopback6, lan = r.stdout.splitlines()
     assert "listens on 0.0.0.0 without authentication" in default and "docs/deploy.md" in default
