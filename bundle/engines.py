@@ -45,15 +45,16 @@ from torch.optim import Optimizer
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 from torch.utils.data import DataLoader
 
+from bundle.dpo import TERMS as DPO_TERMS
 from bundle.checkpoints import latest_checkpoint  # noqa: F401  (configs/train.yaml: bundle.engines.latest_checkpoint)
 from bundle.networks import PromptableSAM
 from bundle.networks.decoding import best_slot, upsample
 from bundle.reference_cache import ReferenceEmbeddingCache
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-LOGGED_TERMS = ("loss", "po1", "po2", "sup", "iou_head", "reward_margin", "preference_accuracy", "pairs", "focal",
-                "dice_loss", "chosen_logratio", "rejected_logratio", "preferences", "stage", "human_pairs", "human_dpo",
-                "human_sup", "human_reward_margin")
+# SAMPO's and paper 003's terms, then the human pairs' (bundle/human_pairs.py: the same names prefixed human_)
+LOGGED_TERMS = ("loss", "po1", "po2", "sup", "iou_head", *DPO_TERMS, "gradient_ratio", "focal", "dice_loss",
+                "stage", "human_dpo", "human_sup", *(f"human_{t}" for t in DPO_TERMS))
 
 
 class PromptTrainer(Trainer):

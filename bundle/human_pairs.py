@@ -11,17 +11,21 @@ over the items of the batch that have a pair,
 
     y_w = the saved label (the item's training target G), y_l = the proposal, both at the model's size
     z(S) = the logits of the slot the actor serves for S (highest predicted IoU, chosen detached), for both policies
-    r(y | S) = log pi_theta(y | S) - log pi_ref(y | S)     log pi = the pixel-averaged Bernoulli log-likelihood of
-               bundle.preference.bernoulli_log_likelihood (SAMPO's reward)
-    L_DPO = mean over valid pairs of -logsigmoid(beta * (r(y_w | S) - r(y_l | S)))
+    r(y | S) = the reward of bundle/dpo.py over ``reward_region`` (``image``: the pixel-averaged log-ratio
+               log pi_theta(y | S) - log pi_ref(y | S), SAMPO's reward; ``disagreement``: its mean over
+               D = dilate(y_w xor y_l), where the annotator changed the proposal)
+    L_DPO = mean over valid pairs of -logsigmoid(beta * (r(y_w | S) - r(y_l | S)))      (bundle.dpo.dpo_loss)
     L_SUP = mean over pairs of BCE(z_theta(S), y_w)
     L_human = lambda_human * (L_DPO + L_SUP),   L_total = L_SAMPO + L_human
 
 beside SAMPO's simulated pairs of the same images. pi_ref is the network with its adapters off: in MONAI Label's
 continued training the served model (bundle/continued.py), i.e. the model that made the proposals. A pair whose
 winner equals its loser at the model's size (the proposal saved unchanged) carries no preference and is left out of
-L_DPO but kept in L_SUP, as SAMPO leaves tied pairs out. Logged per iteration: ``human_pairs`` (the pairs in L_DPO),
-``human_dpo``, ``human_sup``, ``human_reward_margin`` (mean beta * (r_w - r_l)).
+L_DPO but kept in L_SUP, as SAMPO leaves tied pairs out. Winner and loser share one logit map, so in ``image`` mode
+the pixels where they agree cancel and the margin is the disagreement's, diluted by |D| / P. Logged per iteration:
+``human_dpo``, ``human_sup`` and the DPO core's terms with the prefix ``human_`` (``human_pairs``: the pairs in
+L_DPO, ``human_margins``, ``human_accuracies``, ``human_chosen_rewards``, ``human_rejected_rewards``,
+``human_disagreement_fraction``).
 """
 
 from __future__ import annotations
@@ -40,12 +44,14 @@ from torch import nn
 from bundle.clicks import PromptInputError, check_click_list
 from bundle.guidance import PAD_LABEL, guidance_to_points
 from bundle.inference import click_channels
-from bundle.preference import _weight, bernoulli_log_likelihood
+from bundle.dpo import TERMS as DPO_TERMS
+from bundle.dpo import RewardRegion, pair_terms
+from bundle.loss_weights import loss_weight
 
 logger = logging.getLogger(__name__)
 
 KEYS = ("human_points", "human_point_labels", "human_loser", "human_pair")  # what HumanPaird adds to an item
-TERMS = ("human_pairs", "human_dpo", "human_sup", "human_reward_margin")  # what HumanPairLoss logs
+TERMS = ("human_dpo", "human_sup") + tuple(f"human_{t}" for t in DPO_TERMS)  # what HumanPairLoss logs
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -147,16 +153,17 @@ class HumanPairLoss(nn.Module):
     Args:
         beta: DPO temperature (> 0), SAMPO's ``beta``.
         lambda_human: weight of the human-pair term against SAMPO's loss (>= 0).
-        loglik_reduction: ``mean`` (pixel-averaged, default) or ``sum`` log-likelihood, as SAMPO's.
+        loglik_reduction: ``mean`` (pixel-averaged, default) or ``sum`` log-likelihood, as SAMPO's (``image``).
+        reward_region: ``image`` or ``disagreement`` (bundle/dpo.py), as SAMPO's.
+        region_dilation: pixels by which the disagreement region is dilated.
     """
 
-    def __init__(self, beta: float = 0.1, lambda_human: float = 1.0, loglik_reduction: str = "mean") -> None:
+    def __init__(self, beta: float = 0.1, lambda_human: float = 1.0, loglik_reduction: str = "mean",
+                 reward_region: str = "image", region_dilation: int = 0) -> None:
         super().__init__()
-        self.beta = _weight("beta", beta, positive=True)
-        self.lambda_human = _weight("lambda_human", lambda_human)
-        if loglik_reduction not in ("mean", "sum"):
-            raise ValueError(f"loglik_reduction must be 'mean' or 'sum', got {loglik_reduction!r}")
-        self.loglik_reduction = loglik_reduction
+        self.beta = loss_weight("beta", beta, positive=True)
+        self.lambda_human = loss_weight("lambda_human", lambda_human)
+        self.region = RewardRegion(reward_region, region_dilation, loglik_reduction)
 
     @staticmethod
     def prompts(batch: Mapping | None, device: torch.device | str) -> HumanPrompts | None:
@@ -173,8 +180,7 @@ class HumanPairLoss(nn.Module):
     def empty(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
         """The terms of a batch without a human pair (all zero, the loss included)."""
         zero = like.sum() * 0.0
-        return {"loss": zero, "human_pairs": torch.tensor(0.0), "human_dpo": zero.detach(),
-                "human_sup": zero.detach(), "human_reward_margin": zero.detach()}
+        return {"loss": zero, **{key: zero.detach() for key in TERMS}}
 
     def forward(self, logits: torch.Tensor, ref_logits: torch.Tensor, iou_pred: torch.Tensor, winner: torch.Tensor,
                 loser: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -188,22 +194,19 @@ class HumanPairLoss(nn.Module):
 
         Returns:
             ``loss`` (weighted by ``lambda_human``) and the unweighted ``human_dpo``, ``human_sup`` (both with their
-            gradients, as SAMPOLoss returns its terms; the trainer detaches what it logs);
-            ``human_pairs`` (pairs in L_DPO) and ``human_reward_margin``.
+            gradients, as SAMPOLoss returns its terms; the trainer detaches what it logs); the DPO core's terms
+            prefixed ``human_`` (``human_pairs``: pairs in L_DPO, ``human_margins``, ...).
         """
         slot = iou_pred.detach().argmax(-1)
         pick = lambda z: z.gather(1, slot.view(-1, 1, 1, 1).expand(-1, 1, *z.shape[-2:]))[:, 0]  # noqa: E731
         z, z_ref = pick(logits), pick(ref_logits.detach())
         w, l = (winner > 0.5).to(z.dtype), (loser > 0.5).to(z.dtype)
-
-        def reward(y):
-            return (bernoulli_log_likelihood(z, y, self.loglik_reduction)
-                    - bernoulli_log_likelihood(z_ref, y, self.loglik_reduction))
-
-        valid = (w != l).flatten(1).any(1)  # a proposal saved unchanged carries no preference
-        margin = self.beta * (reward(w) - reward(l))[valid]
-        dpo = -F.logsigmoid(margin).mean() if margin.numel() else z.sum() * 0.0
+        t = len(z)
+        pairs = torch.arange(t, device=z.device)
+        # one logit map scores both masks: candidates [winner_0..winner_T-1, loser_0..loser_T-1]
+        terms = pair_terms(self.region, self.beta, torch.cat([z, z]), torch.cat([z_ref, z_ref]), torch.cat([w, l]),
+                           pairs, pairs + t)  # a proposal saved unchanged has an empty region: left out
+        dpo = terms.pop("loss")
         sup = F.binary_cross_entropy_with_logits(z, w)
-        return {"loss": self.lambda_human * (dpo + sup), "human_pairs": torch.tensor(float(margin.numel())),
-                "human_dpo": dpo, "human_sup": sup,
-                "human_reward_margin": margin.detach().mean() if margin.numel() else margin.new_zeros(())}
+        return {"loss": self.lambda_human * (dpo + sup), "human_dpo": dpo, "human_sup": sup,
+                **{f"human_{key}": value for key, value in terms.items()}}

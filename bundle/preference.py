@@ -6,10 +6,13 @@ For a batch of B images with N prompt sets each and M output slots:
 * candidate masks y[b, k, j] = (z[b, k, j] > 0), detached; quality m[b, k, j] = IoU(y[b, k, j], G_b);
 * PO1 (inter-prompt): per image and slot j, winner argmax_k m[b, k, j] vs loser argmin_k m[b, k, j];
 * PO2 (intra-prompt): per image and prompt set k, winner argmax_j m[b, k, j] vs loser argmin_j m[b, k, j];
-* r(y | S) = log pi_theta(y | S) - log pi_ref(y | S), log pi = pixel-averaged Bernoulli log-likelihood;
-* L_pair = -logsigmoid(beta * (r_w - r_l)); L_PO1, L_PO2, the reward margin and the preference accuracy are means
-  over the valid pairs of the whole batch: a pair whose IoUs tie carries no preference and is left out, so an
-  image whose candidates all tie adds nothing (it does not count as zero);
+* r(y | S) = log pi_theta(y | S) - log pi_ref(y | S) over the pair's reward region (bundle/dpo.py:
+  ``reward_region: image``, the pixel-averaged Bernoulli log-likelihood of the papers, or ``disagreement``, the
+  mean of the per-pixel log-ratio over D = dilate_k(y_w xor y_l));
+* L_pair = -logsigmoid(beta * (r_w - r_l)) (:func:`bundle.dpo.dpo_loss`); L_PO1, L_PO2 and the logged
+  ``chosen_rewards``, ``rejected_rewards``, ``margins``, ``accuracies``, ``disagreement_fraction`` are means over the
+  valid pairs of the whole batch: a pair whose IoUs tie (or whose region is empty) carries no preference and is left
+  out, so an image whose candidates all tie adds nothing (it does not count as zero);
 * L_SUP = BCE(z_w, G) + BCE(z_l, G), pixel means, averaged over every mined pair, ties included;
 * L_IOU = MSE(predicted IoU, m) over all B x N x M candidates, m detached (SAM's IoU-head objective);
 * L_total = lambda_dw * (L_PO1 + lambda * L_PO2) + L_SUP + lambda_iou * L_IOU, each term behind its switch.
@@ -23,21 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bundle.dpo import RewardRegion, dpo_loss, merge_terms
+from bundle.loss_weights import loss_weight, switch
 from bundle.metrics import overlap
-
-
-def bernoulli_log_likelihood(logits: torch.Tensor, masks: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """log pi(y | S): sum or mean over pixels of y*logsigmoid(z) + (1-y)*logsigmoid(-z), per mask (..., H, W).
-
-    Computed as -BCE-with-logits(z, y), the same quantity in one fused, numerically stable op (two log-sigmoids and
-    their products took a third of the small model's SAMPO step; docs/benchmarks.md)."""
-    logits, y = torch.broadcast_tensors(logits, masks.to(logits.dtype))  # (one mask against M candidates, ...)
-    ll = -F.binary_cross_entropy_with_logits(logits, y, reduction="none").flatten(-2)
-    if reduction == "mean":
-        return ll.mean(-1)
-    if reduction == "sum":
-        return ll.sum(-1)
-    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
 @dataclass
@@ -74,28 +65,6 @@ def mine_pairs(iou: torch.Tensor) -> tuple[Pairs, Pairs]:
     return inter, intra
 
 
-def _flag(name: str, value) -> bool:
-    """A switch from a config or the command line: a bool, or the strings true / false (any case)."""
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
-    return value
-
-
-def _weight(name: str, value, positive: bool = False) -> float:
-    """A loss weight from a config: a finite number >= 0 (> 0 where ``positive``)."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not torch.isfinite(torch.tensor(value)) or value < 0 or (positive and value == 0):
-        bound = "> 0" if positive else ">= 0"
-        hint = " (beta <= 0 makes the preference term constant or reversed)" if name == "beta" else ""
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}{hint}")
-    return value
-
-
 def supervised_term(z: torch.Tensor, target: torch.Tensor, inter: Pairs, intra: Pairs,
                     shape: tuple[int, int, int]) -> torch.Tensor:
     """L_SUP: BCE of the winners' and of the losers' logits ``z`` (B * N * M, H, W) with G, pixel means over every
@@ -117,7 +86,12 @@ class SAMPOLoss(nn.Module):
         lambda_dw: weight of the preference terms against SUP.
         lambda_iou: weight of the IoU-head MSE.
         use_po1, use_po2, use_sup, use_iou_head: switches of the terms (PO1 / PO2 / SUP: the papers' K1 / K2 / K3).
-        loglik_reduction: ``mean`` (default) or ``sum`` of the pixel log-likelihood.
+        loglik_reduction: ``mean`` (default) or ``sum`` of the pixel log-likelihood (``reward_region: image``).
+        reward_region: ``image`` (default) or ``disagreement`` (:class:`bundle.dpo.RewardRegion`).
+        region_dilation: pixels by which the disagreement region is dilated.
+        log_gradient_ratio: a diagnostic, off by default: also return ``gradient_ratio``, the norm of the gradient
+            of lambda_dw * (L_PO1 + lambda L_PO2) at the logits over that of L_SUP (two extra backward passes to
+            the logits per step; 0 without SUP's gradient).
     """
 
     def __init__(
@@ -131,18 +105,21 @@ class SAMPOLoss(nn.Module):
         use_sup: bool = True,
         use_iou_head: bool = True,
         loglik_reduction: str = "mean",
+        reward_region: str = "image",
+        region_dilation: int = 0,
+        log_gradient_ratio: bool = False,
     ) -> None:
         super().__init__()
-        self.use_po1, self.use_po2 = _flag("use_po1", use_po1), _flag("use_po2", use_po2)
-        self.use_sup, self.use_iou_head = _flag("use_sup", use_sup), _flag("use_iou_head", use_iou_head)
+        self.use_po1, self.use_po2 = switch("use_po1", use_po1), switch("use_po2", use_po2)
+        self.use_sup, self.use_iou_head = switch("use_sup", use_sup), switch("use_iou_head", use_iou_head)
         if not (self.use_po1 or self.use_po2 or self.use_sup):
             raise ValueError("at least one of use_po1, use_po2, use_sup must be on")
-        if loglik_reduction not in ("mean", "sum"):
-            raise ValueError(f"loglik_reduction must be 'mean' or 'sum', got {loglik_reduction!r}")
-        self.beta = _weight("beta", beta, positive=True)
-        self.lam, self.lambda_dw = _weight("lambda", lam), _weight("lambda_dw", lambda_dw)
-        self.lambda_iou = _weight("lambda_iou", lambda_iou)
+        self.region = RewardRegion(reward_region, region_dilation, loglik_reduction)
+        self.beta = loss_weight("beta", beta, positive=True)
+        self.lam, self.lambda_dw = loss_weight("lambda", lam), loss_weight("lambda_dw", lambda_dw)
+        self.lambda_iou = loss_weight("lambda_iou", lambda_iou)
         self.loglik_reduction = loglik_reduction
+        self.log_gradient_ratio = switch("log_gradient_ratio", log_gradient_ratio)
 
     def forward(self, logits: torch.Tensor, ref_logits: torch.Tensor, target: torch.Tensor,
                 iou_pred: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -154,25 +131,34 @@ class SAMPOLoss(nn.Module):
             iou_pred: the actor's predicted IoUs (B, N, M); needed when the IoU-head term is on.
 
         Returns:
-            ``loss`` and its unweighted terms ``po1``, ``po2``, ``sup``, ``iou_head``; ``reward_margin`` (mean of
-            beta * (r_w - r_l) over the batch's valid pairs), ``preference_accuracy`` (share of those with
-            r_w > r_l), ``pairs`` (their number) and ``iou`` (B, N, M), the candidates' true IoUs.
+            ``loss`` and its unweighted terms ``po1``, ``po2``, ``sup``, ``iou_head``; the logged means over the
+            batch's valid PO1 and PO2 pairs (:data:`bundle.dpo.TERMS`: ``chosen_rewards``, ``rejected_rewards``,
+            ``margins``, ``accuracies``, ``pairs``, ``disagreement_fraction``) and ``iou`` (B, N, M), the
+            candidates' true IoUs.
         """
         if logits.ndim == 4:
             logits, ref_logits, target = logits[None], ref_logits[None], target[None]
             iou_pred = None if iou_pred is None else iou_pred[None]
         b, n, m = logits.shape[:3]
+        target = target.as_subclass(torch.Tensor)  # a MONAI MetaTensor's batched metadata does not follow indexing
         masks = logits.detach() > 0
         iou = overlap(masks, target[:, None, None])[1]
         inter, intra = mine_pairs(iou)
         z = logits.flatten(0, 2)
         masks = masks.flatten(0, 2)
-        reward = bernoulli_log_likelihood(z, masks, self.loglik_reduction) - bernoulli_log_likelihood(
-            ref_logits.detach().flatten(0, 2), masks, self.loglik_reduction
-        )
         zero = logits.sum() * 0.0
         out = {"po1": zero, "po2": zero, "sup": zero, "iou_head": zero}
-        margin = self._pair_terms(reward, inter, intra, out)
+        r_w, r_l, fraction, nonempty = self.region.rewards(  # both pair kinds at once: one pass over the candidates
+            z, ref_logits.flatten(0, 2), masks, torch.cat([inter.winner, intra.winner]),
+            torch.cat([inter.loser, intra.loser]))
+        parts, start = [], 0
+        for name, pairs in (("po1", inter), ("po2", intra)):
+            q = slice(start, start + pairs.winner.numel())
+            start = q.stop
+            terms = dpo_loss(self.beta * (r_w[q] - r_l[q]), nonempty[q] & pairs.valid, self.beta * r_w[q],
+                             self.beta * r_l[q], fraction[q], like=z)
+            out[name] = terms["loss"]
+            parts.append(terms)
         if self.use_sup:
             out["sup"] = supervised_term(z, target, inter, intra, (b, n, m))
         if self.use_iou_head:
@@ -182,19 +168,17 @@ class SAMPOLoss(nn.Module):
         preference = (out["po1"] if self.use_po1 else zero) + self.lam * (out["po2"] if self.use_po2 else zero)
         out["loss"] = (self.lambda_dw * preference + (out["sup"] if self.use_sup else zero)
                        + (self.lambda_iou * out["iou_head"] if self.use_iou_head else zero))
-        out["reward_margin"] = margin.mean() if margin.numel() else margin.new_zeros(())
-        out["preference_accuracy"] = (margin > 0).float().mean() if margin.numel() else margin.new_zeros(())
-        out["pairs"] = torch.tensor(float(margin.numel()))
+        out.update(merge_terms(parts))
+        if self.log_gradient_ratio:
+            out["gradient_ratio"] = self.gradient_ratio(self.lambda_dw * preference, out["sup"], logits)
         out["iou"] = iou
         return out
 
-    def _pair_terms(self, reward: torch.Tensor, inter: Pairs, intra: Pairs, out: dict) -> torch.Tensor:
-        """L_PO1 and L_PO2 into ``out`` (left at zero without a valid pair); the beta-scaled reward margins of all
-        valid pairs, detached (the diagnostics)."""
-        margins = []
-        for name, pairs in (("po1", inter), ("po2", intra)):
-            margin = self.beta * (reward[pairs.winner[pairs.valid]] - reward[pairs.loser[pairs.valid]])
-            margins.append(margin)
-            if margin.numel():
-                out[name] = -F.logsigmoid(margin).mean()
-        return torch.cat(margins).detach()
+    @staticmethod
+    def gradient_ratio(preference: torch.Tensor, sup: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """|d preference / d z| / |d L_SUP / d z| at the logits z (detached; 0 where either has no gradient)."""
+        if not (logits.requires_grad and preference.requires_grad and sup.requires_grad):
+            return torch.zeros(())
+        norm = lambda loss: torch.autograd.grad(loss, logits, retain_graph=True)[0].norm()  # noqa: E731
+        g_sup = norm(sup)
+        return (norm(preference) / g_sup).detach() if g_sup > 0 else torch.zeros(())

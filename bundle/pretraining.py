@@ -36,7 +36,7 @@ from bundle.engines import PromptTrainer
 from bundle.guidance import PAD_LABEL
 from bundle.metrics import overlap
 from bundle.networks.decoding import best_slot, upsample
-from bundle.preference import _weight
+from bundle.loss_weights import loss_weight
 
 
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
@@ -68,11 +68,11 @@ class SingleObjectLoss(nn.Module):
     def __init__(self, focal_weight: float = 20.0, dice_weight: float = 1.0, lambda_iou: float = 1.0,
                  focal_alpha: float = 0.25, focal_gamma: float = 2.0) -> None:
         super().__init__()
-        self.focal_weight = _weight("focal_weight", focal_weight)
-        self.dice_weight = _weight("dice_weight", dice_weight)
-        self.lambda_iou = _weight("lambda_iou", lambda_iou)
-        self.focal_alpha = _weight("focal_alpha", focal_alpha)
-        self.focal_gamma = _weight("focal_gamma", focal_gamma)
+        self.focal_weight = loss_weight("focal_weight", focal_weight)
+        self.dice_weight = loss_weight("dice_weight", dice_weight)
+        self.lambda_iou = loss_weight("lambda_iou", lambda_iou)
+        self.focal_alpha = loss_weight("focal_alpha", focal_alpha)
+        self.focal_gamma = loss_weight("focal_gamma", focal_gamma)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, iou_pred: torch.Tensor) -> dict[str, torch.Tensor]:
         """logits (B, K, M, H, W), targets (B, K, H, W), iou_pred (B, K, M) -> ``loss``, ``focal``, ``dice_loss``,

@@ -10,12 +10,15 @@ For one (image, prompt set) item with actor logits z and reference logits z_ref 
   [.75, 1] -> 4); ``best`` s_t = IoU, of which only the top candidate is used (SAM-style: the loss backpropagates
   through the best candidate alone). The candidates are ordered best to worst, Y1..YT, by s (stable: among equal
   scores the lower threshold first). G enters nothing but these scores;
-* r(Y) = log pi_theta(Y) - log pi_ref(Y), log pi the pixel-averaged Bernoulli log-likelihood of SAMPO
-  (:func:`bundle.preference.bernoulli_log_likelihood`);
+* r(Y) = log pi_theta(Y) - log pi_ref(Y) over the comparison's ``reward_region`` (bundle/dpo.py): ``image``, the
+  pixel-averaged Bernoulli log-likelihood of SAMPO (the paper's); ``disagreement``, the mean of the log-ratio map
+  over D = dilate(Ya xor Yb) of the two candidates compared, each comparison with its own D. All candidates come
+  from one logit map, so the pixels where two agree cancel in r(Ya) - r(Yb) and ``image`` only dilutes the
+  difference by |D| / P;
 * ranking / rating (T = 4, paper eq. 5):
-      margin = beta1 (r(Y1) - r(Y4)) + beta2 (r(Y2) - r(Y3)),   L = -logsigmoid(margin)
+      margin = beta1 (r(Y1) - r(Y4)) + beta2 (r(Y2) - r(Y3)),   L = -logsigmoid(margin)    (bundle.dpo.dpo_loss)
   which is eq. 5's -logsigmoid(beta1 r(Y1) + beta2 r(Y2) - beta2 r(Y3) - beta1 r(Y4)) regrouped into its two
-  comparisons; best: margin = beta1 r(Y1).
+  comparisons; best: margin = beta1 r(Y1) (``image`` only: one candidate has no region of disagreement).
 
 Ties, as METHOD.md handles them (a comparison between equal qualities carries no preference; an item whose
 candidates all tie adds nothing and does not count as zero):
@@ -25,9 +28,9 @@ candidates all tie adds nothing and does not count as zero):
   likewise when every candidate has the top score;
 * equal scores on the same side (Y1 = Y2, or Y3 = Y4) change nothing: both are rewarded (penalised) anyway.
 
-The loss, ``reward_margin`` (mean margin), ``preference_accuracy`` (share of margins > 0), ``chosen_logratio`` /
-``rejected_logratio`` (mean r(Y1) / r(YT)) and ``preferences`` (number of items) are means over the items of the
-whole batch that carry a preference.
+The loss and the DPO core's terms (``margins``, ``accuracies``: share of margins > 0, ``chosen_rewards`` /
+``rejected_rewards``: beta1 r(Y1) / beta1 r(Y4), 0 for ``best``, ``pairs``: the items, ``disagreement_fraction``:
+|Y1 xor Y4| / P) are means over the items of the whole batch that carry a preference.
 """
 
 from __future__ import annotations
@@ -37,11 +40,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bundle.metrics import overlap
-from bundle.preference import _weight, bernoulli_log_likelihood
+from bundle.dpo import RewardRegion, dpo_loss
+from bundle.loss_weights import loss_weight
 
 RATERS = ("ranking", "rating", "best")
 
@@ -124,21 +127,24 @@ class RankedDPOLoss(nn.Module):
         beta2: weight of the inner comparison Y2 vs Y3 (>= 0, at most ``beta1``: the larger quality gap weighs
             at least as much).
         rater: as :class:`VirtualAnnotator` (``best``: margin = beta1 r(Y1)).
-        loglik_reduction: ``mean`` (default, as SAMPO) or ``sum`` of the pixel log-likelihood.
+        loglik_reduction: ``mean`` (default, as SAMPO) or ``sum`` of the pixel log-likelihood (``image``).
+        reward_region: ``image`` (default, the paper's) or ``disagreement`` (bundle/dpo.py).
+        region_dilation: pixels by which each comparison's disagreement region is dilated.
     """
 
     def __init__(self, beta1: float = 1.0, beta2: float = 0.5, rater: str = "ranking",
-                 loglik_reduction: str = "mean") -> None:
+                 loglik_reduction: str = "mean", reward_region: str = "image", region_dilation: int = 0) -> None:
         super().__init__()
-        self.beta1 = _weight("beta1", beta1, positive=True)
-        self.beta2 = _weight("beta2", beta2)
+        self.beta1 = loss_weight("beta1", beta1, positive=True)
+        self.beta2 = loss_weight("beta2", beta2)
         if self.beta1 < self.beta2:
             raise ValueError(f"beta1 must be >= beta2 (eq. 5 weighs the best-vs-worst comparison Y1/Y4 by beta1 and "
                              f"the closer Y2/Y3 by beta2), got beta1={self.beta1}, beta2={self.beta2}")
         self.rater = _check_rater(rater)
-        if loglik_reduction not in ("mean", "sum"):
-            raise ValueError(f"loglik_reduction must be 'mean' or 'sum', got {loglik_reduction!r}")
-        self.loglik_reduction = loglik_reduction
+        self.region = RewardRegion(reward_region, region_dilation, loglik_reduction)
+        if rater == "best" and reward_region != "image":
+            raise ValueError(f"rater 'best' rewards one candidate, which has no region of disagreement: use "
+                             f"reward_region 'image' with it, got {reward_region!r}")
 
     def forward(self, logits: torch.Tensor, ref_logits: torch.Tensor, candidates: torch.Tensor,
                 ranking: Ranking) -> dict[str, torch.Tensor]:
@@ -150,25 +156,21 @@ class RankedDPOLoss(nn.Module):
         t = candidates.shape[-3]
         if self.rater != "best" and t != 4:
             raise ValueError(f"eq. 5 needs 4 candidates per item, got {t}")
+        size = candidates.shape[-2:]
         index = ranking.order[..., None, None].expand_as(candidates)
-        ordered = candidates.gather(-3, index)
-        r = (bernoulli_log_likelihood(logits.unsqueeze(-3), ordered, self.loglik_reduction)
-             - bernoulli_log_likelihood(ref_logits.detach().unsqueeze(-3), ordered, self.loglik_reduction))
-        s = ranking.score
-        valid = s[..., 0] > s[..., -1]
+        ordered = candidates.gather(-3, index).reshape(-1, *size)  # item i's Y1..YT at rows i*T .. i*T + T-1
+        z = logits.unsqueeze(-3).expand(*candidates.shape).reshape(-1, *size)
+        z_ref = ref_logits.detach().unsqueeze(-3).expand(*candidates.shape).reshape(-1, *size)
+        s = ranking.score.reshape(-1, t)
+        first = torch.arange(len(s), device=logits.device) * t
+        valid = s[:, 0] > s[:, -1]
         if self.rater == "best":
-            margin = self.beta1 * r[..., 0]
+            r_w, _, fraction, _ = self.region.rewards(z, z_ref, ordered, first, first + t - 1)
+            margin, chosen, rejected = self.beta1 * r_w, self.beta1 * r_w, torch.zeros_like(r_w)
         else:
-            inner = (s[..., 1] > s[..., 2]).to(r.dtype)
-            margin = self.beta1 * (r[..., 0] - r[..., 3]) + self.beta2 * inner * (r[..., 1] - r[..., 2])
-        margin, r = margin[valid], r[valid]
-        zero = logits.sum() * 0.0
-        out = {"loss": -F.logsigmoid(margin).mean() if margin.numel() else zero}
-        m = margin.detach()
-        empty = m.new_zeros(())
-        out["reward_margin"] = m.mean() if m.numel() else empty
-        out["preference_accuracy"] = (m > 0).float().mean() if m.numel() else empty
-        out["chosen_logratio"] = r[:, 0].detach().mean() if m.numel() else empty
-        out["rejected_logratio"] = r[:, -1].detach().mean() if m.numel() else empty
-        out["preferences"] = torch.tensor(float(m.numel()))
-        return out
+            r1, r4, fraction, outer = self.region.rewards(z, z_ref, ordered, first, first + 3)
+            r2, r3, _, inner = self.region.rewards(z, z_ref, ordered, first + 1, first + 2)
+            inner = (inner & (s[:, 1] > s[:, 2])).to(r1.dtype)
+            margin = self.beta1 * (r1 - r4) + self.beta2 * inner * (r2 - r3)
+            chosen, rejected, valid = self.beta1 * r1, self.beta1 * r4, valid & outer
+        return dpo_loss(margin, valid, chosen, rejected, fraction, like=logits)

@@ -48,6 +48,10 @@ SETS = {
     "lambda_dw": (["lambda_dw_0.1", "lambda_dw_0.5", "lambda_dw_1", "lambda_dw_2"], None),
     "lora_rank": (["lora_rank_4", "lora_rank_8", "lora_rank_32", "lora_rank_64"], None),
     "beta": (["beta_0.01", "beta_0.1", "beta_1", "beta_10", "beta_100"], None),
+    # where the reward is computed (bundle/dpo.py): the papers' image mean against the disagreement region
+    "reward_region": (["supervised", "sampo", "sampo_disagreement", "sampo_disagreement_d2"], None),
+    "beta_disagreement": (["sampo_disagreement_beta_0.03", "sampo_disagreement", "sampo_disagreement_beta_0.3",
+                           "sampo_disagreement_beta_1"], None),
     "fractions": (["zero_shot", "supervised", "sampo"], ["fraction_10", "fraction_20", "fraction_30", "fraction_100"]),
     # paper 003 (docs/virtual_annotator.md): the va_* rows fix their own labelled fraction; run with
     # --train_fraction 10 so that the SAMPO row is the 10 % run of the main table (shared, not trained twice)
@@ -56,7 +60,7 @@ SETS = {
 }
 # sweep set -> (the key it varies, whether that key acts on the preference terms only): rows that leave the key to
 # train.yaml are labelled with train.yaml's value
-SWEPT = {"beta": ("beta", True), "lambda_dw": ("lambda_dw", True), "prompt_sets": ("n_prompt_sets", False)}
+SWEPT = {"beta": ("beta", True), "beta_disagreement": ("beta", True), "lambda_dw": ("lambda_dw", True), "prompt_sets": ("n_prompt_sets", False)}
 
 
 def experiment_meta(name: str) -> dict:

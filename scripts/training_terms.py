@@ -5,9 +5,12 @@
 
 For each task and method, the mean over seeds of each term's mean over the first and over the last ``--steps``
 iterations, read from the run's MLflow store (``<runs>/<task>/f<fraction>/<method>/seed<k>/eval/mlflow.db``, where
-``scripts/run_experiments.py`` puts it), as a Markdown table. ``reward_margin`` is beta * (r_w - r_l) averaged over
-the valid pairs, ``preference_accuracy`` the share of pairs with r_w > r_l, ``pairs`` the valid pairs per step
-(bundle/preference.py). A supervised run logs the same terms without training on them, which is the comparison.
+``scripts/run_experiments.py`` puts it), as a Markdown table. The names are the DPO core's (bundle/dpo.py):
+``margins`` is beta * (r_w - r_l) averaged over the valid pairs, ``accuracies`` the share of pairs with r_w > r_l,
+``pairs`` the valid pairs per step, ``disagreement_fraction`` their mean |y_w xor y_l| / P. Runs made before the core
+logged ``margins`` and ``accuracies`` as ``reward_margin`` and ``preference_accuracy``: those are read under the new
+names (:data:`OLD_NAMES`), so the tables of docs/results.md stay reproducible from the stored runs. A supervised run
+logs the same terms without training on them, which is the comparison.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import sqlite3
 import statistics
 import sys
 
-TERMS = ("reward_margin", "preference_accuracy", "pairs", "po1", "po2", "sup")
+TERMS = ("margins", "accuracies", "pairs", "disagreement_fraction", "po1", "po2", "sup")
+OLD_NAMES = {"margins": "reward_margin", "accuracies": "preference_accuracy"}  # what runs before bundle/dpo.py logged
 
 
 def run_terms(db: str, steps: int) -> dict[str, tuple[float, float, int]]:
@@ -28,7 +32,10 @@ def run_terms(db: str, steps: int) -> dict[str, tuple[float, float, int]]:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
         out = {}
         for term in TERMS:
-            values = [v for (v,) in con.execute("SELECT value FROM metrics WHERE key = ? ORDER BY step", (term,))]
+            values = []
+            for key in (term, OLD_NAMES.get(term)):
+                if key and not values:
+                    values = [v for (v,) in con.execute("SELECT value FROM metrics WHERE key = ? ORDER BY step", (key,))]
             if values:
                 out[term] = (statistics.mean(values[:steps]), statistics.mean(values[-steps:]), len(values))
     return out

@@ -57,7 +57,7 @@ def test_gradients_reach_only_trainable_parameters(tmp_path):
     optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert optimised == {id(p) for p in net.parameters() if p.requires_grad}
     out = trainer.state.output[0]
-    assert {"loss", "po1", "po2", "sup", "iou_head", "reward_margin", "preference_accuracy", "pred", "label"} <= set(out)
+    assert {"loss", "po1", "po2", "sup", "iou_head", "margins", "accuracies", "pred", "label"} <= set(out)
     # training Dice covers every prompt set: one prediction channel per set, G repeated
     assert out["pred"].shape[0] == 4 and out["label"].shape == out["pred"].shape
 

@@ -162,7 +162,7 @@ def test_the_term_compares_with_the_reference_and_its_dpo_step_prefers_the_saved
 
     first = terms()
     # the actor is the reference at the start: r = 0 for both masks, each pair costs log 2
-    assert abs(float(first["human_dpo"]) - math.log(2)) < 1e-6 and float(first["human_reward_margin"]) == 0.0
+    assert abs(float(first["human_dpo"]) - math.log(2)) < 1e-6 and float(first["human_margins"]) == 0.0
     assert float(first["human_pairs"]) == 2
     assert torch.isclose(first["loss"], 0.5 * (first["human_dpo"] + first["human_sup"]))
     params = [p for p in tiny_net.parameters() if p.requires_grad]
@@ -174,7 +174,7 @@ def test_the_term_compares_with_the_reference_and_its_dpo_step_prefers_the_saved
         terms()["human_dpo"].backward()
         opt.step()
     after = terms()
-    assert float(after["human_reward_margin"]) > 0 and float(after["human_dpo"]) < math.log(2)
+    assert float(after["human_margins"]) > 0 and float(after["human_dpo"]) < math.log(2)
     # steps on the whole term (DPO + SUP) lower it and the BCE on the saved label
     with torch.no_grad():
         for p in params:

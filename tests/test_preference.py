@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from bundle.metrics import overlap
-from bundle.preference import SAMPOLoss, bernoulli_log_likelihood, mine_pairs
+from bundle.dpo import bernoulli_log_likelihood
+from bundle.preference import SAMPOLoss, mine_pairs
 
 LOG2 = math.log(2.0)
 
@@ -83,7 +84,7 @@ def test_identical_actor_and_reference_give_log2_per_pair():
     logits = _two_sets(left, top)
     out = SAMPOLoss(beta=5.0, use_iou_head=False)(logits, logits.clone(), left)
     assert out["po1"].item() == pytest.approx(LOG2, abs=1e-7)
-    assert out["reward_margin"].item() == 0.0 and out["preference_accuracy"].item() == 0.0
+    assert out["margins"].item() == 0.0 and out["accuracies"].item() == 0.0
 
 
 def test_swapping_winner_and_loser_flips_the_margin():
@@ -94,9 +95,9 @@ def test_swapping_winner_and_loser_flips_the_margin():
     loss = SAMPOLoss(beta=beta, use_po2=False, use_iou_head=False)
     as_left = loss(logits, ref, left)  # set 0 (IoU 1) wins over set 1 (IoU 1/3)
     as_top = loss(logits, ref, top)  # now set 1 wins
-    assert as_left["reward_margin"].item() == pytest.approx(expected, rel=1e-5)
-    assert as_top["reward_margin"].item() == pytest.approx(-expected, rel=1e-5)
-    assert as_left["preference_accuracy"].item() == 1.0 and as_top["preference_accuracy"].item() == 0.0
+    assert as_left["margins"].item() == pytest.approx(expected, rel=1e-5)
+    assert as_top["margins"].item() == pytest.approx(-expected, rel=1e-5)
+    assert as_left["accuracies"].item() == 1.0 and as_top["accuracies"].item() == 0.0
     assert as_left["po1"].item() == pytest.approx(-math.log(1 / (1 + math.exp(-expected))), rel=1e-5)
 
 
@@ -184,7 +185,7 @@ def test_an_all_tie_image_adds_no_pair_and_does_not_dilute_the_batch():
         batch = loss(torch.stack([logits, tie]), torch.stack([ref, tie]), torch.stack([left, left]),
                      torch.stack([iou_pred, iou_pred]))
         assert batch["pairs"].item() == alone["pairs"].item() > 0
-        for key in ("po1", "po2", "reward_margin", "preference_accuracy"):
+        for key in ("po1", "po2", "margins", "accuracies"):
             assert batch[key].item() == pytest.approx(alone[key].item(), rel=1e-6), key
     # with only the preference terms on, the loss itself is that of the image alone
     assert batch["loss"].item() == pytest.approx(alone["loss"].item(), rel=1e-6)

@@ -52,7 +52,7 @@ def _train(cache) -> tuple[list[dict], dict, object]:
     trainer = SAMPOTrainer("cpu", EPOCHS, _batches(), net, opt, SAMPOLoss(), decollate=False, reference_cache=cache)
     terms = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: terms.append(
-        {k: float(e.state.output[k]) for k in ("loss", "po1", "po2", "sup", "iou_head", "reward_margin")}))
+        {k: float(e.state.output[k]) for k in ("loss", "po1", "po2", "sup", "iou_head", "margins")}))
     trainer.run()
     return terms, {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}, net
 

@@ -106,8 +106,10 @@ def test_training_terms_reads_early_and_late_means_from_the_runs_mlflow_stores(t
         folder.mkdir(parents=True)
         client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
         run = client.create_run(client.create_experiment("sampo"), run_name=f"seed{seed}")
-        for step in range(1, 11):  # reward_margin = step + offset: first 3 mean 2 + offset, last 3 mean 9 + offset
-            client.log_metric(run.info.run_id, "reward_margin", step + offset, step=step)
+        # margins = step + offset: first 3 mean 2 + offset, last 3 mean 9 + offset; seed 0 is a run from before
+        # bundle/dpo.py, which logged them as reward_margin
+        for step in range(1, 11):
+            client.log_metric(run.info.run_id, "reward_margin" if seed == 0 else "margins", step + offset, step=step)
         client.set_terminated(run.info.run_id)
     r = _run("scripts/training_terms.py", "--runs", str(tmp_path), "--task", "consep_t1", "--methods", "sampo",
              "--seeds", "0", "1", "--steps", "3")

@@ -68,7 +68,7 @@ def test_training_logs_to_mlflow(tmp_path):
     assert run.info.status == "FINISHED"
     rid = run.info.run_id
     # per iteration (2 per epoch): the loss, its terms, the reward margin and the preference accuracy
-    for key in ("loss", "po1", "po2", "sup", "reward_margin", "preference_accuracy"):
+    for key in ("loss", "po1", "po2", "sup", "margins", "accuracies"):
         assert _steps(client, rid, key) == [1, 2, 3, 4], key
     # per epoch: training and validation Dice and IoU
     for key in ("train_mean_dice", "train_mean_iou", "val_mean_dice", "val_mean_iou"):
@@ -125,6 +125,10 @@ def test_resume_after_kill(tmp_path):
     # every step once, in order: nothing of the killed epoch is logged twice
     assert _steps(client, rid, "val_mean_dice") == list(range(1, epochs + 1))
     assert _steps(client, rid, "loss") == list(range(1, 2 * epochs + 1))
+    for key in ("margins", "accuracies", "chosen_rewards", "rejected_rewards", "pairs", "disagreement_fraction"):
+        assert _steps(client, rid, key) == list(range(1, 2 * epochs + 1)), key  # the DPO core's terms, every step
+    fractions = [m.value for m in client.get_metric_history(rid, "disagreement_fraction")]
+    assert all(0 <= f < 1 for f in fractions) and max(fractions) > 0, fractions
     # the schedule of an uninterrupted run (cosine over max_epochs), not shifted by the resume
     lr = [m.value for m in client.get_metric_history(rid, [k for k in client.get_run(rid).data.metrics if k.startswith("lr")][0])]
     assert lr == pytest.approx([3e-4 * (1 + math.cos(math.pi * (e - 1) / epochs)) / 2 for e in range(1, epochs + 1) for _ in "it"])

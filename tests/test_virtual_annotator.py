@@ -48,56 +48,56 @@ def _loss(order, score, beta1=1.0, beta2=0.5, rater="ranking", z=Z, z_ref=Z_REF)
 def test_identical_actor_and_reference_cost_log2():
     out = _loss([0, 1, 2, 3], [0.9, 0.6, 0.3, 0.1], z_ref=Z)
     assert float(out["loss"]) == pytest.approx(LOG2, abs=1e-6)
-    assert float(out["reward_margin"]) == pytest.approx(0.0, abs=1e-7) and float(out["preferences"]) == 1
+    assert float(out["margins"]) == pytest.approx(0.0, abs=1e-7) and float(out["pairs"]) == 1
 
 
 def test_beta_weights_enter_as_written_in_eq5():
     for beta1, beta2 in ((1.0, 0.5), (2.0, 0.25), (3.0, 3.0), (1.0, 0.0)):
         out = _loss([0, 1, 2, 3], [0.9, 0.6, 0.3, 0.1], beta1, beta2)
         inside = beta1 * R[0] + beta2 * R[1] - beta2 * R[2] - beta1 * R[3]  # eq. 5, ungrouped
-        assert float(out["reward_margin"]) == pytest.approx(inside, abs=1e-6)
+        assert float(out["margins"]) == pytest.approx(inside, abs=1e-6)
         assert float(out["loss"]) == pytest.approx(-math.log(1 / (1 + math.exp(-inside))), abs=1e-6)
-        assert float(out["chosen_logratio"]) == pytest.approx(R[0], abs=1e-6)
-        assert float(out["rejected_logratio"]) == pytest.approx(R[3], abs=1e-6)
-        assert float(out["preference_accuracy"]) == float(inside > 0)
+        assert float(out["chosen_rewards"]) == pytest.approx(beta1 * R[0], abs=1e-6)
+        assert float(out["rejected_rewards"]) == pytest.approx(beta1 * R[3], abs=1e-6)
+        assert float(out["accuracies"]) == float(inside > 0)
 
 
 def test_swapping_y1_and_y4_flips_the_margin():
     score = [0.9, 0.6, 0.3, 0.1]
     # beta2 = 0: the margin is beta1 (r(Y1) - r(Y4)), swapping Y1 and Y4 flips it
-    m = float(_loss([0, 1, 2, 3], score, 1.0, 0.0)["reward_margin"])
-    swapped = float(_loss([3, 1, 2, 0], score, 1.0, 0.0)["reward_margin"])
+    m = float(_loss([0, 1, 2, 3], score, 1.0, 0.0)["margins"])
+    swapped = float(_loss([3, 1, 2, 0], score, 1.0, 0.0)["margins"])
     assert m != 0 and swapped == pytest.approx(-m, abs=1e-6)
     # with beta2: the beta1 part flips, the beta2 part stays; the reversed ranking flips all of it
-    m = float(_loss([0, 1, 2, 3], score)["reward_margin"])
-    swapped = float(_loss([3, 1, 2, 0], score)["reward_margin"])
+    m = float(_loss([0, 1, 2, 3], score)["margins"])
+    swapped = float(_loss([3, 1, 2, 0], score)["margins"])
     assert swapped == pytest.approx(-(R[0] - R[3]) + 0.5 * (R[1] - R[2]), abs=1e-6)
-    assert float(_loss([3, 2, 1, 0], score)["reward_margin"]) == pytest.approx(-m, abs=1e-6)
+    assert float(_loss([3, 2, 1, 0], score)["margins"]) == pytest.approx(-m, abs=1e-6)
 
 
 def test_ties_drop_their_comparison_and_all_tied_items_add_nothing():
     # Y2 = Y3: only beta1 (r(Y1) - r(Y4)) is left
     out = _loss([0, 1, 2, 3], [0.9, 0.5, 0.5, 0.1])
-    assert float(out["reward_margin"]) == pytest.approx(R[0] - R[3], abs=1e-6)
+    assert float(out["margins"]) == pytest.approx(R[0] - R[3], abs=1e-6)
     # Y1 = Y2 or Y3 = Y4: same side, nothing changes
-    assert float(_loss([0, 1, 2, 3], [0.9, 0.9, 0.1, 0.1])["reward_margin"]) == pytest.approx(
+    assert float(_loss([0, 1, 2, 3], [0.9, 0.9, 0.1, 0.1])["margins"]) == pytest.approx(
         R[0] - R[3] + 0.5 * (R[1] - R[2]), abs=1e-6)
     # all tied: no contribution; in a batch with a valid item the mean is that item's, not halved by a zero
     tied = _loss([0, 1, 2, 3], [0.4, 0.4, 0.4, 0.4])
-    assert float(tied["preferences"]) == 0 and float(tied["loss"]) == 0.0
+    assert float(tied["pairs"]) == 0 and float(tied["loss"]) == 0.0
     logits = torch.tensor([Z, Z]).view(2, 1, 4)
     ref = torch.tensor([Z_REF, Z_REF]).view(2, 1, 4)
     cands = torch.tensor(CANDS, dtype=torch.bool).view(1, 4, 1, 4).expand(2, -1, -1, -1)
     ranking = Ranking(order=torch.tensor([[0, 1, 2, 3]] * 2), score=torch.tensor([[0.9, 0.6, 0.3, 0.1], [0.4] * 4]))
     both = RankedDPOLoss(1.0, 0.5)(logits, ref, cands, ranking)
     one = _loss([0, 1, 2, 3], [0.9, 0.6, 0.3, 0.1])
-    assert float(both["loss"]) == pytest.approx(float(one["loss"])) and float(both["preferences"]) == 1
+    assert float(both["loss"]) == pytest.approx(float(one["loss"])) and float(both["pairs"]) == 1
 
 
 def test_best_candidate_only():
     out = _loss([1, 0, 2, 3], [0.8, 0.7, 0.3, 0.1], beta1=2.0, rater="best")
-    assert float(out["reward_margin"]) == pytest.approx(2.0 * R[1], abs=1e-6)
-    assert float(_loss([0, 1, 2, 3], [0.5] * 4, rater="best")["preferences"]) == 0
+    assert float(out["margins"]) == pytest.approx(2.0 * R[1], abs=1e-6)
+    assert float(_loss([0, 1, 2, 3], [0.5] * 4, rater="best")["pairs"]) == 0
 
 
 def test_loss_gradient_reaches_the_actor_only():
@@ -272,7 +272,7 @@ def test_stage2_reference_is_the_stage1_model_after_stage2_steps(two_stage):
     stage = [o["stage"] for o in two_stage["outputs"]]
     assert stage == [1, 2, 2, 2]
     first = two_stage["outputs"][1]  # stage 2's first step: actor = reference = stage-1 model
-    assert first["preferences"] > 0 and first["loss"] == pytest.approx(LOG2, abs=1e-5)
+    assert first["pairs"] > 0 and first["loss"] == pytest.approx(LOG2, abs=1e-5)
     assert {"focal", "dice_loss", "iou_head"} <= set(two_stage["outputs"][0])
     assert torch.allclose(two_stage["reference"], two_stage["stage1"], atol=1e-5)
     assert (two_stage["actor"] - two_stage["stage1"]).abs().max() > 1e-4  # the stage-2 steps moved the actor
@@ -312,8 +312,8 @@ def test_resume_inside_stage2_rebuilds_the_fold_and_continues_the_mlflow_run(two
     assert run.info.status == "FINISHED" and run.info.run_name.startswith("va_")
     assert steps("loss") == list(range(1, 8))
     assert [m.value for m in client.get_metric_history(rid, "stage")] == [1, 2, 2, 2, 2, 2, 2]
-    assert steps("focal") == [1] and steps("reward_margin") == list(range(2, 8))
-    assert steps("preference_accuracy") == steps("chosen_logratio") == list(range(2, 8))
+    assert steps("focal") == [1] and steps("margins") == list(range(2, 8))
+    assert steps("accuracies") == steps("chosen_rewards") == list(range(2, 8))
     assert steps("val_mean_dice") == [1, 2, 3]
     params = run.data.params
     assert params["rater"] == "ranking" and params["beta1"] == "1.0" and params["thresholds"] == "0.3,0.5,0.7,0.9"
