@@ -56,14 +56,17 @@ def log_ratio_map(logits: torch.Tensor, ref_logits: torch.Tensor, masks: torch.T
             - F.binary_cross_entropy_with_logits(logits, y, reduction="none"))
 
 
-def disagreement(chosen: torch.Tensor, rejected: torch.Tensor, dilation: int = 0) -> torch.Tensor:
-    """D = y_w xor y_l (..., H, W) as a float map, dilated by ``dilation`` pixels (a (2k + 1)^2 square)."""
-    d = (chosen > 0.5) ^ (rejected > 0.5)
+def dilate(region: torch.Tensor, dilation: int) -> torch.Tensor:
+    """A float (..., H, W) map of 0 / 1 dilated by ``dilation`` pixels (a (2k + 1)^2 square); unchanged for 0."""
     if dilation <= 0:
-        return d.float()
-    shape = d.shape
-    flat = d.float().reshape(-1, 1, *shape[-2:])
-    return F.max_pool2d(flat, 2 * dilation + 1, stride=1, padding=dilation).reshape(shape)
+        return region
+    flat = region.reshape(-1, 1, *region.shape[-2:])
+    return F.max_pool2d(flat, 2 * dilation + 1, stride=1, padding=dilation).reshape(region.shape)
+
+
+def disagreement(chosen: torch.Tensor, rejected: torch.Tensor, dilation: int = 0) -> torch.Tensor:
+    """D = y_w xor y_l (..., H, W) as a float map, dilated by ``dilation`` pixels (:func:`dilate`)."""
+    return dilate(((chosen > 0.5) ^ (rejected > 0.5)).float(), dilation)
 
 
 class RewardRegion:
@@ -112,7 +115,7 @@ class RewardRegion:
             r = bernoulli_log_likelihood(logits, masks, self.reduction) - bernoulli_log_likelihood(
                 ref_logits.detach(), masks, self.reduction)
             return r[chosen], r[rejected], fraction, fraction > 0
-        weights = disagreement(masks[chosen], masks[rejected], self.dilation) if self.dilation else d
+        weights = dilate(d, self.dilation)
         size = weights.flatten(-2).sum(-1)
         weights = weights / size.clamp_min(1.0)[..., None, None]
         rho = log_ratio_map(logits, ref_logits, masks)

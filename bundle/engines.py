@@ -45,8 +45,8 @@ from torch.optim import Optimizer
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 from torch.utils.data import DataLoader
 
-from bundle.dpo import TERMS as DPO_TERMS
 from bundle.checkpoints import latest_checkpoint  # noqa: F401  (configs/train.yaml: bundle.engines.latest_checkpoint)
+from bundle.dpo import TERMS as DPO_TERMS
 from bundle.networks import PromptableSAM
 from bundle.networks.decoding import best_slot, upsample
 from bundle.reference_cache import ReferenceEmbeddingCache

@@ -42,10 +42,10 @@ from monai.transforms import MapTransform, Resize
 from torch import nn
 
 from bundle.clicks import PromptInputError, check_click_list
-from bundle.guidance import PAD_LABEL, guidance_to_points
-from bundle.inference import click_channels
 from bundle.dpo import TERMS as DPO_TERMS
 from bundle.dpo import RewardRegion, pair_terms
+from bundle.guidance import PAD_LABEL, guidance_to_points
+from bundle.inference import click_channels
 from bundle.loss_weights import loss_weight
 
 logger = logging.getLogger(__name__)

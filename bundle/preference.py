@@ -118,7 +118,6 @@ class SAMPOLoss(nn.Module):
         self.beta = loss_weight("beta", beta, positive=True)
         self.lam, self.lambda_dw = loss_weight("lambda", lam), loss_weight("lambda_dw", lambda_dw)
         self.lambda_iou = loss_weight("lambda_iou", lambda_iou)
-        self.loglik_reduction = loglik_reduction
         self.log_gradient_ratio = switch("log_gradient_ratio", log_gradient_ratio)
 
     def forward(self, logits: torch.Tensor, ref_logits: torch.Tensor, target: torch.Tensor,

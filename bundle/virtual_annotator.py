@@ -42,9 +42,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from bundle.metrics import overlap
 from bundle.dpo import RewardRegion, dpo_loss
 from bundle.loss_weights import loss_weight
+from bundle.metrics import overlap
 
 RATERS = ("ranking", "rating", "best")
 
@@ -168,8 +168,11 @@ class RankedDPOLoss(nn.Module):
             r_w, _, fraction, _ = self.region.rewards(z, z_ref, ordered, first, first + t - 1)
             margin, chosen, rejected = self.beta1 * r_w, self.beta1 * r_w, torch.zeros_like(r_w)
         else:
-            r1, r4, fraction, outer = self.region.rewards(z, z_ref, ordered, first, first + 3)
-            r2, r3, _, inner = self.region.rewards(z, z_ref, ordered, first + 1, first + 2)
+            q = len(first)  # both comparisons at once, Y1 / Y4 then Y2 / Y3: one pass over the candidates
+            r_w, r_l, fractions, nonempty = self.region.rewards(z, z_ref, ordered, torch.cat([first, first + 1]),
+                                                                torch.cat([first + 3, first + 2]))
+            (r1, r2), (r4, r3) = r_w.split(q), r_l.split(q)
+            fraction, (outer, inner) = fractions[:q], nonempty.split(q)
             inner = (inner & (s[:, 1] > s[:, 2])).to(r1.dtype)
             margin = self.beta1 * (r1 - r4) + self.beta2 * inner * (r2 - r3)
             chosen, rejected, valid = self.beta1 * r1, self.beta1 * r4, valid & outer
