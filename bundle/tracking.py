@@ -6,10 +6,18 @@
 * :class:`FailedRun`: an exception ends the run as FAILED (KILLED for Ctrl-C) with the error as a tag.
 * :func:`config_params`: the run's MLflow params, derived from the executed config (every top-level setting), so
   that a config key added anywhere (a file, an overlay, the command line) is logged without being listed.
+* :func:`check_tracking`: an ``http(s)`` tracking server is asked once, before anything is built, and an unreachable
+  one fails the run within seconds (:data:`CHECK_POLICY`); the run's own requests retry by :data:`RUN_POLICY`.
+  MLflow's client defaults (7 retries, backoff factor 2, 120 s timeout) spend minutes in urllib3's backoff.
+
+A request to the server that fails during the run raises :class:`TrackingUnavailable` before the epoch's training
+state is saved (the state is the last thing an epoch writes), so the same command, rerun when the server answers,
+resumes from the last saved epoch into the same MLflow run, and no step is logged twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -21,10 +29,85 @@ from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 from monai.handlers import MLFlowHandler as _MonaiMLFlowHandler
 
+from bundle.checkpoints import latest_checkpoint
 from bundle.distributed import is_rank_zero
 from bundle.io import atomic_write
 
 logger = logging.getLogger(__name__)
+
+# MLflow's HTTP retry settings (environment variables it reads on every request; backoff factor: an integer)
+CHECK_POLICY = {  # the start-up probe: an unreachable server fails in about 12 s (3 tries, 3 s each, 0 + 1-2 s backoff)
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+}
+RUN_POLICY = {  # the run's requests ride out a blip of seconds; a dead server stops the run in under a minute
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+}
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server did not answer."""
+
+
+@contextlib.contextmanager
+def _environment(values: dict):
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_remote(uri) -> bool:
+    return isinstance(uri, str) and uri.lower().startswith(("http://", "https://"))
+
+
+def check_tracking(uri: str) -> str:
+    """Make sure the MLflow tracking server at ``uri`` answers, before a run builds anything; return ``uri``.
+
+    For an ``http(s)`` URI the run's retry policy is set (:data:`RUN_POLICY`, each variable only where the
+    environment does not set it already) and the server is asked for one experiment with :data:`CHECK_POLICY`;
+    no answer raises :class:`TrackingUnavailable` naming the URI, what was tried and for how long. Local stores
+    (``sqlite:///``) are left to MLflow. ``MLFLOW_TRACKING_URI``, when set, is the URI checked: it is the one MONAI's
+    ``MLFlowHandler`` uses.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or uri
+    if not _is_remote(uri):
+        return uri
+    for key, value in RUN_POLICY.items():
+        os.environ.setdefault(key, value)
+    from mlflow.tracking import MlflowClient
+
+    tries = int(CHECK_POLICY["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) + 1
+    start = time.monotonic()
+    try:
+        with _environment(CHECK_POLICY):
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as e:
+        cause = _first_line(e)
+        raise TrackingUnavailable(
+            f"tracking_uri {uri}: the MLflow tracking server did not answer (GET experiments, {tries} tries of "
+            f"{CHECK_POLICY['MLFLOW_HTTP_REQUEST_TIMEOUT']} s, {time.monotonic() - start:.1f} s): {cause}. Nothing "
+            f"was trained. Start the server (mlflow server --host 127.0.0.1 --port PORT), fix --tracking_uri, or "
+            f"leave it out to log to the bundle's own sqlite store"
+        ) from e
+    logger.info("MLflow tracking server %s answers (%.1f s)", uri, time.monotonic() - start)
+    return uri
 
 
 def sqlite_uri(path: str) -> str:
@@ -178,7 +261,26 @@ class MLFlowHandler(_MonaiMLFlowHandler):
         self._buffering = False
         self._logged_until: dict[str, int] | None = None
 
+    def _answering(self, event, *args) -> None:
+        """Run the handler method ``event``; a remote server that fails it raises :class:`TrackingUnavailable`."""
+        try:
+            event(*args)
+        except TrackingUnavailable:
+            raise
+        except Exception as e:
+            uri = self.client.tracking_uri
+            if not _is_remote(uri):
+                raise
+            raise TrackingUnavailable(
+                f"tracking_uri {uri}: the MLflow server stopped answering ({_first_line(e)}). The training stops "
+                f"before this epoch's state is saved. Rerun the same command when the server answers: it resumes "
+                f"from the last saved epoch into the same MLflow run ({self.run_name}), each step logged once"
+            ) from e
+
     def start(self, engine: Engine) -> None:
+        self._answering(self._start, engine)
+
+    def _start(self, engine: Engine) -> None:
         if self.resume and not self.cur_run and self.run_name:
             self._set_experiment()
             runs = self.client.search_runs(
@@ -215,7 +317,7 @@ class MLFlowHandler(_MonaiMLFlowHandler):
     def iteration_completed(self, engine: Engine) -> None:
         self._buffering = self.commit_with_epoch
         try:
-            super().iteration_completed(engine)
+            self._answering(super().iteration_completed, engine)
         finally:
             self._buffering = False
 
@@ -250,27 +352,30 @@ class MLFlowHandler(_MonaiMLFlowHandler):
             self._write(pending)
 
     def epoch_completed(self, engine: Engine) -> None:
-        self.flush()
-        super().epoch_completed(engine)
+        self._answering(self.flush)
+        self._answering(super().epoch_completed, engine)
 
     def complete(self) -> None:
-        self.flush()
-        super().complete()
+        self._answering(self.flush)
+        self._answering(super().complete)
 
 
 class FailedRun:
-    """End the MLflow run as FAILED (KILLED for Ctrl-C) when training raises, with the error as the tag ``error``
-    and where it happened as ``failed_at``; the exception is raised again.
+    """End the MLflow run as FAILED (KILLED for Ctrl-C and SIGTERM) when training raises, with the error as the tag
+    ``error`` and where it happened as ``failed_at``, say which saved state the same command resumes from; the
+    exception is raised again.
 
     List it before every other handler: Ignite runs only the first ``EXCEPTION_RAISED`` handler when that one
     raises (MONAI's ``StatsHandler`` does).
 
     Args:
         mlflow_handler: the trainer's :class:`MLFlowHandler`.
+        ckpt_dir: where the training state is saved (None: no resume line).
     """
 
-    def __init__(self, mlflow_handler: _MonaiMLFlowHandler) -> None:
+    def __init__(self, mlflow_handler: _MonaiMLFlowHandler, ckpt_dir: str | None = None) -> None:
         self.mlflow_handler = mlflow_handler
+        self.ckpt_dir = ckpt_dir
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EXCEPTION_RAISED, self)
@@ -278,17 +383,27 @@ class FailedRun:
     def __call__(self, engine: Engine, e: BaseException) -> None:
         handler = self.mlflow_handler
         run = getattr(handler, "cur_run", None)
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        where = f"epoch {engine.state.epoch}, iteration {engine.state.iteration}"
         if run is not None:
-            status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
             try:
-                if hasattr(handler, "flush"):
+                if hasattr(handler, "flush") and not isinstance(e, TrackingUnavailable):
                     handler.flush()  # the steps that led to the error
                 client, run_id = handler.client, run.info.run_id
                 client.set_tag(run_id, "error", f"{type(e).__name__}: {e}"[:4900])
-                client.set_tag(run_id, "failed_at", f"epoch {engine.state.epoch}, iteration {engine.state.iteration}")
+                client.set_tag(run_id, "failed_at", where)
                 client.set_terminated(run_id, status)
                 handler.cur_run = None
-                logger.error("MLflow run %s (id %s) ended as %s: %s", run.info.run_name, run_id, status, e)
+                logger.error("MLflow run %s (id %s) ended as %s at %s: %s", run.info.run_name, run_id, status,
+                             where, e)
             except Exception as log_error:  # the training error matters more than the tracking one
-                logger.warning("could not mark MLflow run %s as %s: %s", run.info.run_id, status, log_error)
+                logger.warning("could not mark MLflow run %s as %s: %s", run.info.run_id, status,
+                               str(log_error).splitlines()[0] if str(log_error) else type(log_error).__name__)
+        if self.ckpt_dir is not None:
+            saved = latest_checkpoint(self.ckpt_dir)
+            logger.error(
+                "training %s at %s (%s). %s", "stopped" if status == "KILLED" else "failed", where, e,
+                f"The last saved state is {saved}: the same command resumes from it, into the same MLflow run"
+                if saved else "No training state was saved yet: the same command starts afresh",
+            )
         raise e

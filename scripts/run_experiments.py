@@ -50,6 +50,9 @@ SETS = {
     "beta": (["beta_0.01", "beta_0.1", "beta_1", "beta_10", "beta_100"], None),
     # where the reward is computed (bundle/dpo.py): the papers' image mean against the disagreement region
     "reward_region": (["supervised", "sampo", "sampo_disagreement", "sampo_disagreement_d2"], None),
+    # issue 20's comparison: both supervised anchors (BCE on the mined masks; paper 003's focal + Dice) against
+    # SAMPO with each reward region, the same steps, prompts and seeds per row
+    "comparison": (["supervised", "va_supervised_10", "sampo", "sampo_disagreement"], None),
     "beta_disagreement": (["sampo_disagreement_beta_0.03", "sampo_disagreement", "sampo_disagreement_beta_0.3",
                            "sampo_disagreement_beta_1"], None),
     "fractions": (["zero_shot", "supervised", "sampo"], ["fraction_10", "fraction_20", "fraction_30", "fraction_100"]),

@@ -35,13 +35,13 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def serve(name: str, command: Callable[[int], list[str]], health: str, log: Path, cwd: Path, env: dict | None = None,
-          timeout: float = 120.0) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Run ``command(port)`` (it must listen on 127.0.0.1:port) with its output in ``log``; yield ``(url, process)``
-    once ``GET url + health`` answers 200, stop it on exit. A server that exits or does not answer within
-    ``timeout`` seconds raises ``RuntimeError`` with the end of its log."""
+          timeout: float = 120.0, port: int | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Run ``command(port)`` (it must listen on 127.0.0.1:port; a free port unless given) with its output in
+    ``log``; yield ``(url, process)`` once ``GET url + health`` answers 200, stop it on exit. A server that exits or
+    does not answer within ``timeout`` seconds raises ``RuntimeError`` with the end of its log."""
     import requests
 
-    port = free_port()
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     with open(log, "w", encoding="utf-8") as out:
         proc = subprocess.Popen(command(port), cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env,
@@ -65,9 +65,9 @@ def serve(name: str, command: Callable[[int], list[str]], health: str, log: Path
 
 
 @contextlib.contextmanager
-def serve_mlflow(folder: Path) -> Iterator[str]:
-    """A real MLflow tracking + registry server on 127.0.0.1 with its sqlite store and artifacts in ``folder``;
-    yields its URL."""
+def serve_mlflow(folder: Path, port: int | None = None, log: str = "mlflow.log") -> Iterator[str]:
+    """A real MLflow tracking + registry server on 127.0.0.1 (on ``port``, else a free one) with its sqlite store
+    and artifacts in ``folder``; yields its URL."""
     folder = Path(folder)
 
     def command(port):
@@ -76,5 +76,5 @@ def serve_mlflow(folder: Path) -> Iterator[str]:
                 "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"]
 
     env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
-    with serve("mlflow", command, "/health", folder / "mlflow.log", folder, env) as (url, _):
+    with serve("mlflow", command, "/health", folder / log, folder, env, port=port) as (url, _):
         yield url

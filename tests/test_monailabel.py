@@ -376,3 +376,37 @@ def test_multi_gpu_training_runs_the_bundle_overlay_under_torchrun(server, tmp_p
     assert "rank 0 of 2 on cpu (gloo)" in text and "rank 1 of 2 on cpu (gloo)" in text, text[-3000:]
     (run,) = set((server["model_dir"] / "monailabel_train").glob("train_*")) - before
     assert (run / "models" / "checkpoint_epoch=1.pt").is_file() and (run / "models" / "model.pt").is_file()
+
+
+def test_a_training_request_while_one_runs_is_409(server, tmp_path):
+    """One training at a time: while a background training runs, another train request (background or run_sync)
+    answers 409, where MONAI Label alone answers 429 to the first and starts the second beside it; no second run
+    folder appears, and the running one ends DONE."""
+    import time
+
+    import requests
+
+    if not (server["model_dir"] / "configs" / "train.yaml").exists():
+        pytest.skip("configs/train.yaml not in the bundle yet")
+    masks = [np.zeros((48, 64), np.uint8) for _ in range(3)]
+    for i, mask in enumerate(masks):
+        mask[10:24, 8 + 4 * i : 30] = 1
+    _save_final_labels(server, tmp_path, masks)
+    runs = server["model_dir"] / "monailabel_train"
+    before = set(runs.glob("train_*"))
+    r = requests.post(f"{server['url']}/train/sampo", params={"run_sync": "false"},
+                      json={"max_epochs": 20, "val_split": 0.34}, timeout=60)
+    assert r.status_code == 200, r.text
+    for run_sync in ("false", "true"):
+        again = requests.post(f"{server['url']}/train/sampo", params={"run_sync": run_sync},
+                              json={"max_epochs": 1, "val_split": 0.34}, timeout=60)
+        assert again.status_code == 409, again.text
+        assert "a training is running on this server" in again.json()["detail"]
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = requests.get(f"{server['url']}/train/", timeout=30).json()
+        if status.get("status") not in ("RUNNING", "QUEUED"):
+            break
+        time.sleep(1)
+    assert status.get("status") == "DONE", status
+    assert len(set(runs.glob("train_*")) - before) == 1

@@ -449,9 +449,22 @@ def _checked_image_add(add_image):
     return run
 
 
+def _training_busy(enqueue: bool) -> None:
+    """409 while a background training runs (MONAI Label's own answer is 429 for a background request, and a
+    ``run_sync`` request would train beside it); ``enqueue=true`` still queues. A ``run_sync`` training needs no
+    check: MONAI Label's endpoint is ``async`` and runs it on the event loop, so the server answers nothing else
+    until it ends."""
+    from monailabel.utils.async_tasks.utils import processes
+
+    if processes("train") and not enqueue:
+        raise HTTPException(status_code=409, detail="a training is running on this server: wait for it to end "
+                            "(GET /train/ shows it), stop it (DELETE /train/), or send enqueue=true to queue this one")
+
+
 def _checked_training(run_model):
     """MONAI Label's ``run_model`` (``POST /train/{model}``) with the request checked before a background run
-    starts, so that nothing to train on is a 4xx answer, not a failed background task."""
+    starts, so that nothing to train on is a 4xx answer, not a failed background task, and one training at a time
+    (409 while one runs)."""
 
     def run(model, params=None, run_sync=False, enqueue=False):
         from monailabel.interfaces.utils.app import app_instance
@@ -461,6 +474,7 @@ def _checked_training(run_model):
         if isinstance(task, SAMPOTrainTask):
             request = {**instance.info().get("config", {}).get("train", {}), **(params or {})}
             task.check_request(request, instance.datastore())
+        _training_busy(enqueue)
         return run_model(model, params, run_sync, enqueue)
 
     run.__wrapped__ = run_model
