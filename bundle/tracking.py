@@ -23,13 +23,13 @@ import inspect
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 from monai.handlers import MLFlowHandler as _MonaiMLFlowHandler
 
-from bundle.checkpoints import latest_checkpoint
 from bundle.distributed import is_rank_zero
 from bundle.io import atomic_write
 
@@ -370,12 +370,13 @@ class FailedRun:
 
     Args:
         mlflow_handler: the trainer's :class:`MLFlowHandler`.
-        ckpt_dir: where the training state is saved (None: no resume line).
+        last_state: called with no argument, the path of the newest saved training state or None (the train
+            configs: ``bundle.checkpoints.latest_checkpoint`` of ``ckpt_dir``); None: no resume line.
     """
 
-    def __init__(self, mlflow_handler: _MonaiMLFlowHandler, ckpt_dir: str | None = None) -> None:
+    def __init__(self, mlflow_handler: _MonaiMLFlowHandler, last_state: Callable[[], str | None] | None = None) -> None:
         self.mlflow_handler = mlflow_handler
-        self.ckpt_dir = ckpt_dir
+        self.last_state = last_state
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EXCEPTION_RAISED, self)
@@ -399,8 +400,8 @@ class FailedRun:
             except Exception as log_error:  # the training error matters more than the tracking one
                 logger.warning("could not mark MLflow run %s as %s: %s", run.info.run_id, status,
                                str(log_error).splitlines()[0] if str(log_error) else type(log_error).__name__)
-        if self.ckpt_dir is not None:
-            saved = latest_checkpoint(self.ckpt_dir)
+        if self.last_state is not None:
+            saved = self.last_state()
             logger.error(
                 "training %s at %s (%s). %s", "stopped" if status == "KILLED" else "failed", where, e,
                 f"The last saved state is {saved}: the same command resumes from it, into the same MLflow run"
