@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.transforms import MapTransform, Resize
+from monai.utils import convert_to_tensor
 from torch import nn
 
 from bundle.clicks import PromptInputError, check_click_list
@@ -114,7 +115,8 @@ class HumanPaird(MapTransform):
         guidance = click_channels(fg + bg, len(fg), size, self.image_size)
         points, labels = guidance_to_points(guidance[None], self.max_points)
         loser = self._resize(torch.from_numpy((mask > 0).astype(np.float32))[None])
-        return points[0].float(), labels[0].long(), torch.as_tensor(loser, dtype=torch.float32)
+        # a plain tensor, as for an item without a pair: a batch mixing a MetaTensor and a tensor does not collate
+        return points[0].float(), labels[0].long(), convert_to_tensor(loser, dtype=torch.float32, track_meta=False)
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)

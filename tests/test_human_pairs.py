@@ -120,6 +120,27 @@ def test_a_pair_is_trained_under_the_clicks_the_served_network_reads(tmp_path):
     assert float(out["human_pair"]) == 1.0
 
 
+def test_items_with_and_without_a_pair_collate_into_one_batch(tmp_path):
+    """A MONAI Label datastore mixes labels with and without a human pair; a batch of both must collate (it
+    failed with "'Tensor' object has no attribute 'meta'" when the loser of a pair was a MetaTensor)."""
+    from monai.data import MetaTensor, list_data_collate
+
+    from bundle.human_pairs import KEYS, HumanPaird
+
+    proposal = np.zeros((37, 53), np.uint8)
+    proposal[5:20, 10:40] = 1
+    np.save(tmp_path / "p.npy", proposal)
+    t = HumanPaird(image_size=64)
+    paired = t({"image": MetaTensor(torch.rand(3, 37, 53)), "proposal": str(tmp_path / "p.npy"),
+                "clicks": {"foreground": [[12, 8]]}})
+    plain = t({"image": MetaTensor(torch.rand(3, 37, 53))})
+    assert float(paired["human_pair"]) == 1.0 and float(plain["human_pair"]) == 0.0
+    paired, plain = ({k: item[k] for k in ("image", *KEYS)} for item in (paired, plain))  # as train.yaml selects
+    for first, second in ((paired, plain), (plain, paired)):
+        batch = list_data_collate([first, second])
+        assert batch["human_loser"].shape == (2, 1, 64, 64)
+
+
 @pytest.mark.parametrize("change, reason", [
     ({"proposal": "missing.npy"}, "unreadable"),
     ({"shape": (10, 10)}, "has size (10, 10) but its image has size (37, 53)"),
