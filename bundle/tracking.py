@@ -399,7 +399,7 @@ class FailedRun:
                              where, e)
             except Exception as log_error:  # the training error matters more than the tracking one
                 logger.warning("could not mark MLflow run %s as %s: %s", run.info.run_id, status,
-                               str(log_error).splitlines()[0] if str(log_error) else type(log_error).__name__)
+                               _first_line(log_error))
         if self.last_state is not None:
             saved = self.last_state()
             logger.error(
