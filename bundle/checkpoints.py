@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from bundle.networks import CheckpointError, PromptableSAM
+from bundle.networks.sam_builder import read_file  # noqa: F401  (the one torch-file reader; re-exported)
 from bundle.networks.trained_weights import (  # noqa: F401  (re-exported: the surfaces import them from here)
     ARCHITECTURE_KEYS,
     EXPORT_KEY,
@@ -38,23 +39,12 @@ from bundle.networks.trained_weights import (  # noqa: F401  (re-exported: the s
     describe_layout,
     exported,
     file_sha256,
+    fold_stage1,
     load_trained,
     trained_keys,
 )
 
 logger = logging.getLogger(__name__)
-
-
-def read_file(path: str | os.PathLike, what: str = "checkpoint"):
-    """``torch.load(path, weights_only=True)`` on the CPU; ``FileNotFoundError`` / :class:`CheckpointError` naming
-    the file (``what`` names the kind of file in the first)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:  # truncated file, wrong format, pickle with code ...
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
 
 
 def read_training_state(path: str) -> dict:
@@ -153,8 +143,6 @@ def load_weights(net: nn.Module, path: str | os.PathLike, key: str = "network") 
         check_base(base, net, source)
         stages = torch.load(source, map_location="cpu", weights_only=True).get("stages")  # adapter-sized: cheap
         if isinstance(stages, Mapping) and stages.get("folded"):  # written in stage 2 of bundle.stage_schedule
-            from bundle.stage_schedule import fold_stage1
-
             fold_stage1(net, stages["stage1"], source)
     check_state_dict(state, net, source, partial=base is not None)
     net.load_state_dict(state, strict=base is None)

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader
 from bundle.checkpoints import latest_checkpoint  # noqa: F401  (configs/train.yaml: bundle.engines.latest_checkpoint)
 from bundle.dpo import TERMS as DPO_TERMS
 from bundle.networks import PromptableSAM
-from bundle.networks.decoding import best_slot, upsample
+from bundle.networks.decoding import best_slot, loss_grid, to_grid, upsample
 from bundle.reference_cache import ReferenceEmbeddingCache
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -273,13 +273,21 @@ class SAMPOTrainer(PromptTrainer):
             prompt decoded as one more prompt set of the same encodings; ``None`` (default): SAMPO alone.
         reference_cache: a :class:`bundle.reference_cache.ReferenceEmbeddingCache`: pi_ref's image embeddings
             computed once per image and reused in later epochs (float16); ``None`` (default): encoded every batch.
+        loss_size: side of the square grid SAMPO's (and the human pairs') loss is computed on. ``None`` (default):
+            G's size, the logits upsampled to it as SAM serves them. An integer, e.g. ``image_size // 4`` (the
+            decoder's own grid): the logits are resized to it, G and the human pairs' masks area-downsampled to
+            it (soft; the pair mining's IoU and the human masks threshold them at 0.5), so the candidates are
+            binarised there. The training metrics score the best slot at G's size either way.
     """
 
     def __init__(self, *args, human_loss: torch.nn.Module | None = None,
-                 reference_cache: ReferenceEmbeddingCache | None = None, **kwargs) -> None:
+                 reference_cache: ReferenceEmbeddingCache | None = None, loss_size: int | None = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.human_loss = human_loss
         self.reference_cache = reference_cache
+        loss_grid(loss_size, (1, 1))  # a bad value stops here, before any step
+        self.loss_size = loss_size
 
     def compute_loss(self, images, targets, points, labels):
         size = tuple(targets.shape[-2:])
@@ -290,20 +298,21 @@ class SAMPOTrainer(PromptTrainer):
         else:
             low, iou_pred, ref_low, extra = self.network_pass(decode_actor_and_reference, images, points, labels,
                                                               size, human.prompt, reference_cache=self.reference_cache)
-        logits, ref_logits = upsample(low, size), upsample(ref_low, size)
-        out = self.loss_function(logits, ref_logits, targets[:, 0], iou_pred)
+        grid = loss_grid(self.loss_size, size)
+        logits, ref_logits = upsample(low, grid), upsample(ref_low, grid)
+        out = self.loss_function(logits, ref_logits, to_grid(targets[:, 0], grid), iou_pred)
         out.pop("iou", None)
         if self.human_loss is not None:
             if human is None:
                 terms = self.human_loss.empty(logits)
             else:
                 h_low, h_iou, h_ref = extra
-                terms = self.human_loss(upsample(h_low[:, 0], size), upsample(h_ref[:, 0], size), h_iou[:, 0],
-                                        targets[human.index, 0], human.loser)
+                terms = self.human_loss(upsample(h_low[:, 0], grid), upsample(h_ref[:, 0], grid), h_iou[:, 0],
+                                        to_grid(targets[human.index, 0], grid), to_grid(human.loser, grid))
             out["loss"] = out["loss"] + terms.pop("loss")
             out.update(terms)
-        # training metrics over every prompt set: channel k = the best predicted-IoU mask of prompt set k
-        preds = best_slot(logits, iou_pred)
+        # training metrics over every prompt set: channel k = the best predicted-IoU mask of prompt set k, at G's size
+        preds = best_slot(logits, iou_pred) if grid == size else upsample(best_slot(low, iou_pred), size)
         return preds, targets.expand_as(preds), out
 
 

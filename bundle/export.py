@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from bundle.checkpoints import architecture, build_network, check_state_dict, exported
+from bundle.checkpoints import load_weights  # noqa: F401  (bundle.export.load_weights: inference.json of older exports)
 from bundle.guidance import points_to_guidance
 from bundle.io import atomic_torch_save, atomic_write
 from bundle.networks import PromptableSAM
@@ -238,18 +239,3 @@ def write_bundle(
     out = export_bundle(net, os.path.join(dest, "models"), bundle_root, verify=verify, task=task)
     write_configs(dest, bundle_root, net.model_size, net.image_size, export_record(net, task))
     return out
-
-
-def __getattr__(name: str):
-    """Names configs give in this module's name: ``bundle.export.ExportBundle`` (``configs/train.yaml``; the handler
-    is :class:`bundle.handlers.ExportBundle`) and ``bundle.export.load_weights`` (the ``inference.json`` of bundles
-    exported before :mod:`bundle.checkpoints` held it)."""
-    if name == "ExportBundle":  # imported here on use: bundle.handlers.export_bundle imports this module
-        from bundle.handlers.export_bundle import ExportBundle
-
-        return ExportBundle
-    if name == "load_weights":
-        from bundle.checkpoints import load_weights
-
-        return load_weights
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,9 +3,13 @@
 The network's input is ``cat([image, fg_clicks, bg_clicks], dim=1)``. A click is a local maximum above 0.5 in
 its channel, so both one-hot click maps (a 1 at each clicked pixel) and Gaussian-smoothed maps (as MONAI Label's
 DeepEdit-style guidance) are read the same way. Points are (x, y) pixel coordinates, SAM's convention.
+A served click on an image of size (H, W) maps to the network's S x S frame by x' = clip((x + 0.5) S / W - 0.5, 0,
+S - 1) (and y likewise; :func:`click_channels`), for inference and for training on human pairs alike.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,3 +57,17 @@ def guidance_to_points(guidance: torch.Tensor, max_points: int = 16, threshold: 
     kind = torch.tensor([1, 0], device=guidance.device).view(1, 2, 1).expand(b, 2, k)
     labels = torch.where(values > 0, kind, torch.full_like(kind, -1)).reshape(b, 2 * k)  # -1: PAD_LABEL (no globals in TorchScript)
     return points, labels
+
+
+def click_channels(points: Sequence[Sequence[float]], n_fg: int, size: tuple[int, int],
+                   image_size: int) -> torch.Tensor:
+    """(x, y) clicks on an image of ``size`` (H, W), the first ``n_fg`` foreground -> the network's (2, S, S) click
+    channels at ``image_size`` S: each click scaled with the image (pixel centres kept) onto its nearest pixel. The
+    one mapping of served clicks; training on MONAI Label's human preference pairs (:mod:`bundle.human_pairs`) uses
+    it too, so that a pair is trained under the prompt the network answered."""
+    h, w = size
+    s = int(image_size)
+    xy = torch.tensor(points, dtype=torch.float32).view(1, -1, 2)
+    xy = torch.minimum((xy + 0.5) * torch.tensor([s / w, s / h]) - 0.5, torch.tensor(s - 1.0)).clamp_min(0)
+    labels = torch.tensor([1] * n_fg + [0] * (len(points) - n_fg)).view(1, -1)
+    return points_to_guidance(xy, labels, (s, s))[0]

@@ -3,7 +3,7 @@
 Where the pairs come from: :mod:`bundle.pair_store` (MONAI Label records them; any datalist may carry them).
 
 Training (``configs/train.yaml``: ``human_pairs: true``, ``lambda_human``): :class:`HumanPaird` maps an item's
-clicks into the network's frame exactly as served clicks are mapped (:func:`bundle.inference.click_channels`, then
+clicks into the network's frame exactly as served clicks are mapped (:func:`bundle.guidance.click_channels`, then
 the network's own click reading :func:`bundle.guidance.guidance_to_points`), so the pair is trained under the
 prompt S that the network answered. The trainer decodes S with the actor and the reference as one more prompt set
 of the same image encodings (:func:`bundle.engines.decode_actor_and_reference`), and :class:`HumanPairLoss` adds,
@@ -45,8 +45,7 @@ from torch import nn
 from bundle.clicks import PromptInputError, check_click_list
 from bundle.dpo import TERMS as DPO_TERMS
 from bundle.dpo import RewardRegion, pair_terms
-from bundle.guidance import PAD_LABEL, guidance_to_points
-from bundle.inference import click_channels
+from bundle.guidance import PAD_LABEL, click_channels, guidance_to_points
 from bundle.loss_weights import loss_weight
 
 logger = logging.getLogger(__name__)

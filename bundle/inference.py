@@ -44,7 +44,9 @@ from monai.inferers import Inferer
 from monai.transforms import MapTransform
 
 from bundle.clicks import PromptInputError, clicks_of_request, slice_of_request
-from bundle.guidance import points_to_guidance
+from bundle.guidance import click_channels
+from bundle.image_meta import IMAGE_SUFFIXES, META_KIND, META_SLICE, VOLUME_SUFFIXES, image_meta, source_name  # noqa: F401
+from bundle.masks import PromptMaskd, SaveImageMaskd, mask_path  # noqa: F401  (names of the config in older model.ts)
 from bundle.transforms.ct import apply_window, window_range
 from bundle.transforms.geometry import (
     canonical_to_display,
@@ -55,24 +57,6 @@ from bundle.transforms.geometry import (
 )
 
 logger = logging.getLogger(__name__)
-
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".dcm")
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
-META_KIND, META_SLICE = "prompt_kind", "prompt_slice"  # what PromptImaged records in the image's meta
-
-
-def image_meta(img: Any) -> dict:
-    """The metadata of a MONAI-loaded image (a copy; ``{}`` for a plain array)."""
-    return dict(img.meta) if isinstance(img, MetaTensor) else {}
-
-
-def source_name(meta: Mapping) -> str:
-    """The file an image was loaded from, by its metadata (``""`` when unknown)."""
-    name = meta.get("filename_or_obj", "")
-    if isinstance(name, (list, tuple)):
-        name = name[0] if name else ""
-    return str(name)
-
 
 def _is_volume_file(name: str) -> bool:
     return name.lower().endswith(VOLUME_SUFFIXES) or os.path.isdir(name)
@@ -221,33 +205,9 @@ class PromptImaged(MapTransform):
         return d
 
 
-def click_channels(points: Sequence[Sequence[float]], n_fg: int, size: tuple[int, int],
-                   image_size: int) -> torch.Tensor:
-    """(x, y) clicks on an image of ``size`` (H, W), the first ``n_fg`` foreground -> the network's (2, S, S) click
-    channels at ``image_size`` S: each click scaled with the image (pixel centres kept) onto its nearest pixel. The
-    one mapping of served clicks; training on MONAI Label's human preference pairs (:mod:`bundle.human_pairs`) uses
-    it too, so that a pair is trained under the prompt the network answered."""
-    h, w = size
-    s = int(image_size)
-    xy = torch.tensor(points, dtype=torch.float32).view(1, -1, 2)
-    xy = torch.minimum((xy + 0.5) * torch.tensor([s / w, s / h]) - 0.5, torch.tensor(s - 1.0)).clamp_min(0)
-    labels = torch.tensor([1] * n_fg + [0] * (len(points) - n_fg)).view(1, -1)
-    return points_to_guidance(xy, labels, (s, s))[0]
-
-
 class PromptInferer(Inferer):
     """Run the network on the single-tensor input (a plain tensor: TorchScript and SAM get no MetaTensor)."""
 
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
         x = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
         return network(x, *args, **kwargs)
-
-
-def __getattr__(name: str):
-    """``bundle.inference.PromptMaskd`` / ``SaveImageMaskd`` / ``mask_path`` (now :mod:`bundle.masks`) still
-    resolve, lazily: the inference config inside every exported ``model.ts`` names them here."""
-    if name in ("PromptMaskd", "SaveImageMaskd", "mask_path"):
-        from bundle import masks
-
-        return getattr(masks, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

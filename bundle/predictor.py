@@ -6,7 +6,8 @@ clicks. It returns exactly what the single-tensor forward returns for the same i
     predict(points, labels) == net(cat([image, points_to_guidance(points, labels)]))    (best predicted-IoU logits)
 
 because :meth:`~bundle.networks.PromptableSAM.forward` is ``decode_clicks(encode(image), clicks)`` and only the
-``encode`` half is cached. Cache contract:
+``encode`` half is cached, in :class:`bundle.embedding_cache.EmbeddingCache` (the bundle's one embedding cache).
+Cache contract:
 
 * key ``(image_id, sha1 of the image tensor as the encoder receives it)``: the same id with other pixels is
   encoded again, and two ids never share an entry by accident;
@@ -26,11 +27,9 @@ without ``encode`` / ``decode_clicks`` (TorchScript ``model.ts``) are run as the
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
-from collections import OrderedDict
-from typing import Any, Hashable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -38,59 +37,14 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from torch import nn
 
+from bundle.embedding_cache import EmbeddingCache, image_digest, weights_fingerprint  # noqa: F401  (re-exported)
+
 logger = logging.getLogger(__name__)
 
 
-def image_digest(image: torch.Tensor) -> str:
-    """sha1 of a tensor's shape, dtype and values (the cache's content key)."""
-    t = image.detach().to("cpu").contiguous()
-    h = hashlib.sha1(f"{tuple(t.shape)}{t.dtype}".encode())
-    h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
-    return h.hexdigest()
-
-
-def weights_fingerprint(network: nn.Module) -> int:
-    """Changes whenever ``network``'s weights may have changed: another object, another storage, an in-place write."""
-    tensors = [*network.parameters(), *network.buffers()]
-    return hash((id(network), tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors)))
-
-
-class EmbeddingCache:
-    """A thread-safe LRU mapping of at most ``max_size`` entries (0: stores nothing)."""
-
-    def __init__(self, max_size: int = 8) -> None:
-        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 0:
-            raise ValueError(f"cache_size must be an integer >= 0, got {max_size!r}")
-        self.max_size = max_size
-        self._items: OrderedDict[Hashable, Any] = OrderedDict()
-        self.lock = threading.RLock()
-
-    def get(self, key: Hashable) -> Any:
-        with self.lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
-
-    def put(self, key: Hashable, value: Any) -> None:
-        with self.lock:
-            if self.max_size == 0:
-                return
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.max_size:
-                self._items.popitem(last=False)
-
-    def clear(self) -> None:
-        with self.lock:
-            self._items.clear()
-
-    def keys(self) -> list:
-        with self.lock:
-            return list(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
+def _weights(network: nn.Module) -> int:
+    """The served network's fingerprint: every parameter and buffer counts."""
+    return weights_fingerprint(network, [*network.parameters(), *network.buffers()])
 
 
 class SAMPOPredictor:
@@ -106,8 +60,8 @@ class SAMPOPredictor:
             if not callable(getattr(network, method, None)):
                 raise TypeError(f"SAMPOPredictor needs a PromptableSAM (with {method}()), got {type(network).__name__}")
         self.network = network
-        self.cache = EmbeddingCache(cache_size)
-        self._fingerprint = weights_fingerprint(network)
+        self.cache = EmbeddingCache(max_items=cache_size)
+        self.cache.validate(_weights(network))
         self._current = threading.local()
         self.hits = self.misses = 0
 
@@ -115,7 +69,7 @@ class SAMPOPredictor:
         """Forget every cached embedding (the next request for each image encodes it again)."""
         with self.cache.lock:
             self.cache.clear()
-            self._fingerprint = weights_fingerprint(self.network)
+            self.cache.fingerprint = _weights(self.network)
 
     def embedding(self, image: torch.Tensor, image_id: Optional[str] = None) -> torch.Tensor:
         """(C, H, W) image in [0, 1] -> its (1, D, h, w) embedding, from the cache or encoded now."""
@@ -125,11 +79,10 @@ class SAMPOPredictor:
             )
         key = (image_id, image_digest(image))
         with self.cache.lock:
-            fingerprint = weights_fingerprint(self.network)
-            if fingerprint != self._fingerprint:
-                logger.info("network weights changed: %d cached image embeddings dropped", len(self.cache))
-                self.cache.clear()
-                self._fingerprint = fingerprint
+            fingerprint = _weights(self.network)
+            dropped = self.cache.validate(fingerprint)
+            if dropped is not None:
+                logger.info("network weights changed: %d cached image embeddings dropped", dropped)
             cached = self.cache.get(key)
             self.hits, self.misses = self.hits + (cached is not None), self.misses + (cached is None)
         if cached is not None:
@@ -138,7 +91,7 @@ class SAMPOPredictor:
             emb = self.network.encode(image[None])
         logger.info("encoded image %s (%s…); later clicks on it decode only", image_id or "without id", key[1][:8])
         with self.cache.lock:
-            if weights_fingerprint(self.network) == fingerprint:  # not computed with weights replaced meanwhile
+            if _weights(self.network) == fingerprint:  # not computed with weights replaced meanwhile
                 self.cache.put(key, emb)
         return emb
 
@@ -201,7 +154,7 @@ class CachedPromptInferer(Inferer):
     _lock = threading.Lock()
 
     def __init__(self, cache_size: int = 8) -> None:
-        EmbeddingCache(cache_size)  # the argument check, before the first request
+        EmbeddingCache(max_items=cache_size)  # the argument check, before the first request
         self.cache_size = cache_size
 
     def predictor(self, network: nn.Module) -> SAMPOPredictor:
@@ -209,7 +162,7 @@ class CachedPromptInferer(Inferer):
         cls = type(self)
         with cls._lock:
             served = cls._served
-            if served is None or served.network is not network or served.cache.max_size != self.cache_size:
+            if served is None or served.network is not network or served.cache.max_items != self.cache_size:
                 served = cls._served = SAMPOPredictor(network, self.cache_size)
             return served
 

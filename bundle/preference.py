@@ -126,7 +126,8 @@ class SAMPOLoss(nn.Module):
         Args:
             logits: actor logits (B, N, M, H, W) at the resolution of ``target``; (N, M, H, W) for one image.
             ref_logits: reference logits, same shape, no gradient.
-            target: G, (B, H, W) binary ((H, W) for one image).
+            target: G, (B, H, W) binary ((H, W) for one image), or soft in [0, 1] on a coarser loss grid (the
+                trainer's ``loss_size``): L_SUP's BCE takes it as is, the IoUs of the mining threshold it at 0.5.
             iou_pred: the actor's predicted IoUs (B, N, M); needed when the IoU-head term is on.
 
         Returns:
@@ -141,7 +142,7 @@ class SAMPOLoss(nn.Module):
         b, n, m = logits.shape[:3]
         target = target.as_subclass(torch.Tensor)  # a MONAI MetaTensor's batched metadata does not follow indexing
         masks = logits.detach() > 0
-        iou = overlap(masks, target[:, None, None])[1]
+        iou = overlap(masks, (target > 0.5)[:, None, None])[1]  # G binary, or area-downsampled (soft) on a loss grid
         inter, intra = mine_pairs(iou)
         z = logits.flatten(0, 2)
         masks = masks.flatten(0, 2)

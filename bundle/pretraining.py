@@ -35,7 +35,7 @@ from torch import nn
 from bundle.engines import PromptTrainer
 from bundle.guidance import PAD_LABEL
 from bundle.metrics import overlap
-from bundle.networks.decoding import best_slot, upsample
+from bundle.networks.decoding import best_slot, loss_grid, to_grid, upsample
 from bundle.loss_weights import loss_weight
 
 
@@ -148,15 +148,14 @@ class SingleObjectTrainer(PromptTrainer):
         super().__init__(*args, **kwargs)
         if int(correction_rounds) < 0:
             raise ValueError(f"correction_rounds must be >= 0, got {correction_rounds}")
-        if loss_size is not None and int(loss_size) < 1:
-            raise ValueError(f"loss_size must be a positive number of pixels or None, got {loss_size}")
+        loss_grid(loss_size, (1, 1))  # a bad value stops here
         self.correction_rounds = int(correction_rounds)
-        self.loss_size = None if loss_size is None else int(loss_size)
+        self.loss_size = loss_size
 
     def compute_loss(self, images, targets, points, labels):
         rounds = self.network_pass(interactive_rounds, images, targets, points, labels, self.correction_rounds)
-        size = tuple(targets.shape[-2:]) if self.loss_size is None else (self.loss_size, self.loss_size)
-        goal = targets if size == tuple(targets.shape[-2:]) else F.interpolate(targets, size=size, mode="area")
+        size = loss_grid(self.loss_size, targets.shape[-2:])
+        goal = to_grid(targets, size)
         terms = [self.loss_function(upsample(low, size), goal, iou) for low, iou in rounds]
         out = {k: torch.stack([t[k] for t in terms]).mean() for k in terms[0]}
         first_low, first_iou = rounds[0]

@@ -34,7 +34,9 @@ Cache contract:
   content key would never hit, so no image is hashed, the reference encodes every batch, and one log line says so.
 
 Call :meth:`ReferenceEmbeddingCache.encode` inside ``net.reference()`` (as
-:func:`bundle.engines.decode_actor_and_reference` does). Imports :mod:`bundle.io` only.
+:func:`bundle.engines.decode_actor_and_reference` does). The key, the fingerprint and the in-memory LRU are the
+bundle's one embedding cache (:mod:`bundle.embedding_cache`, also behind the interactive predictor); this module adds
+pi_ref's choice of tensors, the float16 copies, the disk folder and the bypass.
 """
 
 from __future__ import annotations
@@ -42,29 +44,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections import OrderedDict
 from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from bundle.embedding_cache import EmbeddingCache, image_digest, weights_fingerprint
 from bundle.io import save_npy
 
 logger = logging.getLogger(__name__)
 
 
 def image_digests(images: torch.Tensor) -> list[str]:
-    """sha1 of each (C, H, W) image of a (B, C, H, W) batch: its shape, dtype and values (one copy to the CPU)."""
-    t = images.detach().to("cpu")
-    if t.dtype == torch.bfloat16:
-        t = t.float()
-    digests = []
-    for item in t:
-        h = hashlib.sha1(f"{tuple(item.shape)}{item.dtype}".encode())
-        h.update(item.contiguous().numpy().tobytes())
-        digests.append(h.hexdigest())
-    return digests
+    """The content key of each (C, H, W) image of a (B, C, H, W) batch (:func:`bundle.embedding_cache.image_digest`)."""
+    return [image_digest(item) for item in images.detach().to("cpu")]
 
 
 def _reference_tensors(network: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -77,8 +71,7 @@ def _reference_tensors(network: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 def reference_fingerprint(network: nn.Module) -> int:
     """Changes whenever the reference encoder's weights may have changed (another object, storage, in-place write)."""
-    return hash((id(network), tuple((t.data_ptr(), 0 if t.is_inference() else t._version)
-                                    for _, t in _reference_tensors(network))))
+    return weights_fingerprint(network, [t for _, t in _reference_tensors(network)])
 
 
 def reference_digest(network: nn.Module) -> str:
@@ -120,25 +113,22 @@ class ReferenceEmbeddingCache:
         self.cache_dir = os.fspath(cache_dir) if cache_dir is not None else None
         self.max_bytes = int(max_mib * 2**20)
         self.bypassed = len(augment or ()) > 0
-        self._items: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
-        self._bytes = 0
-        self._fingerprint: int | None = None
+        self._memory = EmbeddingCache(max_bytes=self.max_bytes)
         self._folder: str | None = None
         self._announced = self._sized = False
         self.hits = self.misses = self.encoded_batches = 0
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._memory)
 
     @property
     def nbytes(self) -> int:
         """Bytes of the embeddings held in memory."""
-        return self._bytes
+        return self._memory.nbytes
 
     def clear(self) -> None:
         """Forget every entry held in memory (the disk folder is kept)."""
-        self._items.clear()
-        self._bytes = 0
+        self._memory.clear()
 
     def encode(self, network: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """``network.encode(images)`` of pi_ref (call inside ``network.reference()``), from the cache where it can:
@@ -171,17 +161,16 @@ class ReferenceEmbeddingCache:
 
     # -- entries -----------------------------------------------------------------------------------------------------
     def _check_weights(self, network: nn.Module) -> None:
-        fingerprint = reference_fingerprint(network)
-        if fingerprint == self._fingerprint:
+        first = self._memory.fingerprint is None
+        dropped = self._memory.validate(reference_fingerprint(network))
+        if dropped is None:
             return
-        if self._fingerprint is None:
+        if first:
             logger.info("reference embedding cache: each image's reference embedding is computed once and kept in "
                         "float16 (at most %.0f MiB in memory%s)", self.max_bytes / 2**20,
                         f", and in {self.cache_dir}" if self.cache_dir else "")
-        elif self._items:
-            logger.info("reference encoder weights changed: %d cached reference embeddings dropped", len(self._items))
-        self.clear()
-        self._fingerprint = fingerprint
+        elif dropped:
+            logger.info("reference encoder weights changed: %d cached reference embeddings dropped", dropped)
         if self.cache_dir is not None:
             self._folder = os.path.join(self.cache_dir, reference_digest(network)[:16])
             os.makedirs(self._folder, exist_ok=True)
@@ -190,9 +179,8 @@ class ReferenceEmbeddingCache:
         return os.path.join(self._folder, f"{key[1]}_{key[0]}.npy")
 
     def _get(self, key: tuple[str, str]) -> torch.Tensor | None:
-        emb = self._items.get(key)
+        emb = self._memory.get(key)
         if emb is not None:
-            self._items.move_to_end(key)
             return emb
         if self._folder is None or not os.path.isfile(self._path(key)):
             return None
@@ -213,10 +201,4 @@ class ReferenceEmbeddingCache:
             logger.info("reference embedding cache: %.0f KiB per image (%s float16): %d images fit in max_mib %.0f",
                         size / 2**10, " x ".join(map(str, emb.shape)), self.max_bytes // size, self.max_bytes / 2**20)
             self._sized = True
-        if size > self.max_bytes:
-            return
-        self._items[key] = emb
-        self._bytes += size
-        while self._bytes > self.max_bytes:
-            _, old = self._items.popitem(last=False)
-            self._bytes -= old.numel() * old.element_size()
+        self._memory.put(key, emb)

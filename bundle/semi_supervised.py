@@ -9,7 +9,8 @@ Stage 2 (unlabelled images), per image and prompt set S (the clicks a user would
 
 1. the actor (adapters on) and the reference (adapters off = the stage-1 model, see :mod:`bundle.stage_schedule`)
    decode S; the item's logits z are those of the slot with the actor's highest predicted IoU (what a user gets),
-   z_ref the reference's logits in that slot, both upsampled to G's size;
+   z_ref the reference's logits in that slot, both upsampled to the loss grid (the trainer's ``loss_size``;
+   default G's size; G area-downsampled to it and thresholded at 0.5 for the rater);
 2. :class:`bundle.virtual_annotator.VirtualAnnotator` thresholds sigmoid(z) into candidates and rates them
    against G -- the only place G enters stage 2 (it also feeds the training Dice / IoU, which are logged for
    monitoring and steer nothing);
@@ -26,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from bundle.engines import decode_actor_and_reference
-from bundle.networks.decoding import best_slot, upsample
+from bundle.networks.decoding import best_slot, loss_grid, to_grid, upsample
 from bundle.pretraining import SingleObjectTrainer
 from bundle.reference_cache import ReferenceEmbeddingCache
 from bundle.virtual_annotator import RankedDPOLoss, VirtualAnnotator
@@ -72,12 +73,14 @@ class SemiSupervisedTrainer(SingleObjectTrainer):
         size = tuple(targets.shape[-2:])
         low, iou_pred, ref_low = self.network_pass(decode_actor_and_reference, images, points, labels, size,
                                                    reference_cache=self.reference_cache)
+        grid = loss_grid(self.loss_size, size)  # stage 2 computes its loss on stage 1's grid
         chosen = iou_pred.detach()
-        logits = upsample(best_slot(low, chosen), size)
-        ref_logits = upsample(best_slot(ref_low, chosen), size)
-        candidates = self.annotator.candidates(logits)
-        ranking = self.annotator(candidates, targets)  # G: here and nowhere else
-        return logits, self.alignment_loss(logits, ref_logits, candidates, ranking)
+        logits = upsample(best_slot(low, chosen), grid)
+        ref_logits = upsample(best_slot(ref_low, chosen), grid)
+        candidates = self.annotator.candidates(logits)  # binarised on the loss grid
+        ranking = self.annotator(candidates, to_grid(targets, grid) > 0.5)  # G: here and nowhere else
+        preds = logits if grid == size else upsample(best_slot(low, chosen), size)
+        return preds, self.alignment_loss(logits, ref_logits, candidates, ranking)
 
     # -- epochs of different lengths ---------------------------------------------------------------------------------
     def state_dict(self):

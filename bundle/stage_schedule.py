@@ -26,10 +26,10 @@ import math
 import torch
 from ignite.engine import Engine, Events
 
-from bundle.checkpoints import BaseModel, TrainedWeights, load_trained
+from bundle.checkpoints import BaseModel, TrainedWeights, fold_stage1, load_trained
 from bundle.engines import loss_terms
-from bundle.export import ExportBundle
-from bundle.handlers import TrainingState
+from bundle.handlers.export_bundle import ExportBundle
+from bundle.handlers.training_state import TrainingState
 from bundle.networks.lora import fold_adapters
 
 logger = logging.getLogger(__name__)
@@ -147,12 +147,6 @@ class TwoStageSchedule:
         self.stage1 = dict(state["stage1"])
 
 
-def fold_stage1(network, stage1: dict, source: str, fold_seed: int = 0) -> None:
-    """Put ``network`` (on the run's original base) at the start of stage 2: load the stage-1 tensors, fold them."""
-    load_trained(network, stage1, f"{source} (stage-1 tensors)")
-    fold_adapters(network.sam, fold_seed)
-
-
 class StagedTrainingState(TrainingState):
     """:class:`bundle.handlers.TrainingState` that also saves and restores the :class:`TwoStageSchedule` (key
     ``stages``) and records the base through it (before any fold). Arguments as TrainingState, plus ``schedule``."""
@@ -168,7 +162,7 @@ class StagedTrainingState(TrainingState):
 
 
 class StagedExport(ExportBundle):
-    """:class:`bundle.export.ExportBundle` for the two-stage run: the checkpoint (``best_model.pt``) is loaded onto
+    """:class:`bundle.handlers.ExportBundle` for the two-stage run: the checkpoint (``best_model.pt``) is loaded onto
     ``base_network``, a network built on the run's original base (a stage-2 file folds its stage 1 there; the
     trained network's own base is folded and would be refused); without a checkpoint of this run the trained
     network itself is exported, as ExportBundle does. Arguments as ExportBundle, plus ``base_network``."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -53,6 +52,13 @@ SETS = {
     # issue 20's comparison: both supervised anchors (BCE on the mined masks; paper 003's focal + Dice) against
     # SAMPO with each reward region, the same steps, prompts and seeds per row
     "comparison": (["supervised", "va_supervised_10", "sampo", "sampo_disagreement"], None),
+    # the three-term ablations with the chosen region (train.yaml's default since issue 20)
+    "ablation_terms_disagreement": (["supervised", "po1_sup_disagreement", "po2_sup_disagreement",
+                                     "po1_po2_disagreement", "sampo_disagreement"], None),
+    # paper 003's virtual annotator with the chosen region beside its supervised start
+    "va_disagreement": (["va_supervised_10", "va_aligned_10_disagreement", "sampo_disagreement"], None),
+    # issue 20 section 3: the loss on G's grid against the decoder's (loss_size)
+    "loss_grid": (["sampo_disagreement", "sampo_disagreement_grid"], None),
     "beta_disagreement": (["sampo_disagreement_beta_0.03", "sampo_disagreement", "sampo_disagreement_beta_0.3",
                            "sampo_disagreement_beta_1"], None),
     "fractions": (["zero_shot", "supervised", "sampo"], ["fraction_10", "fraction_20", "fraction_30", "fraction_100"]),
@@ -106,26 +112,26 @@ def overlay_paths(names: list[str] | None) -> list[str]:
 
 def final_epoch(args, method: dict) -> int:
     """The epoch of a run's final training state: max_epochs, plus the alignment epochs of a two-stage run
-    (configs/semi_supervised.yaml: ``stage2_epochs``, an integer or ``$K * @max_epochs``)."""
+    (configs/semi_supervised.yaml's ``stage2_epochs``, evaluated by MONAI's ConfigParser from the run's own config
+    files and overrides: an integer or an expression such as ``$2 * @max_epochs``)."""
     epochs = max_epochs_of(args)
     if not method.get("overlays"):
         return epochs
-    stage2 = None
-    for path in method["overlays"]:
-        with open(path, encoding="utf-8") as f:
-            stage2 = (yaml.safe_load(f) or {}).get("stage2_epochs", stage2)
-    stage2 = method["cfg"].get("stage2_epochs", stage2)
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([os.path.join(REPO, "configs", "train.yaml"), *method["overlays"], *overlay_paths(args.overlay),
+                        method["path"]])
+    parser["max_epochs"] = epochs
     for item in args.override or []:
         key, _, value = item.partition("=")
-        stage2 = value if key == "stage2_epochs" else stage2
-    match = re.fullmatch(r"\$\s*(\d+)\s*\*\s*@max_epochs", str(stage2).strip())
-    if match:
-        return epochs + int(match[1]) * epochs
+        if key == "stage2_epochs":
+            parser[key] = yaml.safe_load(value)
     try:
-        return epochs + int(stage2 or 0)
-    except ValueError:
-        raise SystemExit(f"{method['name']}: stage2_epochs {stage2!r} is neither an integer nor '$K * @max_epochs': "
-                         "pass --override stage2_epochs=N") from None
+        return epochs + int(parser.get_parsed_content("stage2_epochs"))
+    except Exception as e:
+        raise SystemExit(f"{method['name']}: stage2_epochs {parser['stage2_epochs']!r} does not evaluate to an integer "
+                         f"({type(e).__name__}: {e}): pass --override stage2_epochs=N") from None
 
 
 def task_configs(task: str) -> tuple[list[str], list[str], str]:
@@ -183,16 +189,20 @@ def max_epochs_of(args) -> int:
 
 
 def validation_dice(root: str) -> float | None:
-    """The last ``val_mean_dice`` the run logged to its MLflow store (``<root>/eval/mlflow.db``), or None."""
+    """The ``val_mean_dice`` of the last validated epoch the run logged to its MLflow store (``<root>/eval/mlflow.db``,
+    read with MLflow's client), or None."""
     db = os.path.join(root, "eval", "mlflow.db")
     if not os.path.isfile(db):
         return None
-    import sqlite3
+    from mlflow.tracking import MlflowClient
 
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
-        row = con.execute("SELECT value FROM metrics WHERE key = 'val_mean_dice' ORDER BY step DESC, timestamp DESC "
-                          "LIMIT 1").fetchone()
-    return float(row[0]) if row else None
+    sys.path.insert(0, REPO)
+    from bundle.tracking import sqlite_uri
+
+    client = MlflowClient(tracking_uri=sqlite_uri(db))
+    history = [m for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+               for m in client.get_metric_history(r.info.run_id, "val_mean_dice")]
+    return float(max(history, key=lambda m: (m.step, m.timestamp)).value) if history else None
 
 
 def one(args, task: str, method: dict, column: dict | None, seed: int, env: dict) -> dict:

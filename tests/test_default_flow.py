@@ -140,3 +140,18 @@ def test_deploy_app_runs_the_trained_bundle(trained, tmp_path):
     (in_dir / "clicks.json").write_text(json.dumps({"foreground": [[12, 10]], "slice_index": 2}), encoding="utf-8")
     run_app(py, "file", in_dir, tmp_path / "output", trained / "models" / "model.ts")
     assert nib.load(tmp_path / "output" / "ct_seg.nii.gz").shape == hu.shape
+
+
+def test_default_training_logs_the_disagreement_reward(trained):
+    """Issue 20: a default run computes the reward over the disagreement region and logs its diagnostics."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{trained / 'eval' / 'mlflow.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    run = runs[0]
+    assert run.data.params["reward_region"] == "disagreement"
+    history = client.get_metric_history(run.info.run_id, "disagreement_fraction")
+    assert history and all(0.0 < m.value <= 1.0 for m in history)
+    for name in ("margins", "accuracies", "chosen_rewards", "rejected_rewards"):
+        assert client.get_metric_history(run.info.run_id, name), name

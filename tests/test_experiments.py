@@ -2,7 +2,6 @@
 
 import importlib.util
 import re
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -46,12 +45,20 @@ def test_table_reports_mean_and_sample_sd_over_seeds_and_per_class_cells():
 
 
 def test_validation_dice_is_the_last_epoch_logged(tmp_path):
+    """A real MLflow store (what a training run writes), read through MLflow's client: the last validated epoch wins,
+    not the last written row; an evaluation run in the same store (no val_mean_dice) is ignored."""
+    from mlflow.tracking import MlflowClient
+
+    from bundle.tracking import sqlite_uri
+
     (tmp_path / "eval").mkdir()
-    with sqlite3.connect(tmp_path / "eval" / "mlflow.db") as con:
-        con.execute("CREATE TABLE metrics (key TEXT, value REAL, step INT, timestamp INT)")
-        con.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?)",
-                        [("val_mean_dice", 0.2, 1, 5), ("val_mean_dice", 0.6, 3, 6), ("val_mean_dice", 0.4, 2, 9),
-                         ("train_loss", 9.0, 4, 9)])
+    client = MlflowClient(tracking_uri=sqlite_uri(str(tmp_path / "eval" / "mlflow.db")))
+    train = client.create_run(client.create_experiment("training"), run_name="train").info.run_id
+    for step, value, stamp in ((1, 0.2, 5), (3, 0.6, 6), (2, 0.4, 9)):
+        client.log_metric(train, "val_mean_dice", value, timestamp=stamp, step=step)
+    client.log_metric(train, "train_loss", 9.0, step=4)
+    evaluation = client.create_run(client.create_experiment("evaluation"), run_name="eval").info.run_id
+    client.log_metric(evaluation, "dice", 0.9, step=9)
     assert rx.validation_dice(str(tmp_path)) == pytest.approx(0.6)
     assert rx.validation_dice(str(tmp_path / "missing")) is None
 
@@ -136,3 +143,13 @@ def test_paired_differences_pair_runs_by_seed_and_count_the_seeds_where_higher()
     assert "| ZS | - |" not in lines and not any(ln.startswith("| ZS") for ln in lines)  # one seed: no spread
     assert rx.paired_differences(rows[1:], ["T1"], results) == []  # no reference row
     assert "Dice minus SUP of the same seed" in rx.table(rows, ["T1"], results, "t", [])
+
+
+@pytest.mark.parametrize("override, final", [(None, 18), ("stage2_epochs=4", 10), ("stage2_epochs=$3 * @max_epochs", 24)])
+def test_the_final_epoch_of_a_two_stage_run_is_evaluated_from_its_configs(override, final):
+    """semi_supervised.yaml's stage2_epochs ($2 * @max_epochs) as MONAI evaluates it, an override winning; a plain
+    method ends at max_epochs."""
+    argv = ["--bundle_root_base", "/tmp/runs", "--max_epochs", "6"] + (["--override", override] if override else [])
+    args = rx.parse_args(argv)
+    assert rx.final_epoch(args, rx.experiment_meta("va_aligned_10")) == final
+    assert rx.final_epoch(args, rx.experiment_meta("sampo")) == 6

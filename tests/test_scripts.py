@@ -76,7 +76,8 @@ def test_benchmark_compare_times_the_four_steps_in_one_process_and_writes_the_ra
     proc = _run(REPO / "scripts" / "benchmark.py", "--compare", "--sizes", "tiny", "--batch", 2, "--n_sets", 2,
                 "--repeats", 1, "--image_size", 64, "--write", doc)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for printed in ("sampo_over_supervised", "sampo_cached_over_supervised", "sampo_over_floor", "outside_encoders"):
+    for printed in ("sampo_over_supervised", "sampo_cached_over_supervised", "sampo_over_floor", "outside_encoders",
+                    "sampo_grid_over_supervised", "sampo_cached_grid_over_supervised"):
         assert f'"{printed}": ' in proc.stdout
     text = doc.read_text(encoding="utf-8")
     assert "## Click latency\n\nkept\n" in text
@@ -86,15 +87,20 @@ def test_benchmark_compare_times_the_four_steps_in_one_process_and_writes_the_ra
     rows = {c[0]: [float(x) for x in c[1:]] for c in
             ([x.strip() for x in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| "))
             if c[0] != "step, batch 2" and not c[0].startswith("---")}
-    assert len(rows) == 6 and all(v[0] > 0 for v in rows.values())
+    assert len(rows) == 8 and all(v[0] > 0 for v in rows.values())
     supervised = rows["supervised LoRA: 1 prompt set per image, BCE + Dice on the best slot"]
     assert supervised[1] == 1.0  # the column of ratios is against it
     measured = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("tiny: "))[6:])
     assert rows["SAMPO, reference cache off"][0] == pytest.approx(measured["sampo_s"], abs=6e-4)
+    grid_row = rows["SAMPO, loss on a 16 x 16 grid (`loss_size`), cache off"]  # image_size // 4 by default
+    assert grid_row[0] == pytest.approx(measured["sampo_grid_s"], abs=6e-4)
+    assert f"**{measured['sampo_grid_over_supervised']:.2f}** without the cache" in text
     assert measured["outside_encoders"] == pytest.approx(1 - measured["floor_s"] / measured["sampo_s"], abs=1e-3)
     share = float(re.search(r"\(SAMPO - floor\) / SAMPO: \*\*(-?[\d.]+) %\*\*", text).group(1))
     assert share == pytest.approx(100 * measured["outside_encoders"], abs=0.06)
-    assert measured["cache_hits"] == 2  # warm: the timed SAMPO step with the cache served both images from it
+    # warm: after the first warm-up filled it, the cache served both images to the grid step's warm-up and to the two
+    # timed cached steps
+    assert measured["cache_hits"] == 6
     assert re.search(r"/ supervised: \*\*[\d.]+\*\* without the cache \(target <= 1\.35: (met|\*\*not met\*\*)\)", text)
 
 

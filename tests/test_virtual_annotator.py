@@ -342,7 +342,7 @@ def test_g_reaches_stage2_only_through_the_annotator(two_stage):
     """The stage-2 loss is the same for any target that induces the same ranking, and changes with the ranking."""
     trainer = two_stage["trainer"]  # in stage 2: actor and reference differ
     holder = SimpleNamespace(network=copy.deepcopy(two_stage["net"]), annotator=trainer.annotator,
-                             alignment_loss=trainer.alignment_loss, reference_cache=None)
+                             alignment_loss=trainer.alignment_loss, reference_cache=None, loss_size=None)
     holder.network_pass = lambda fn, *args, **kwargs: fn(holder.network, *args, **kwargs)
     align = SemiSupervisedTrainer.align
     g = torch.Generator().manual_seed(3)

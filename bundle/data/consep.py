@@ -21,11 +21,11 @@ import re
 from pathlib import Path
 
 import numpy as np
-import scipy.io as sio
 from PIL import Image
 from tqdm import tqdm
 
 from .instances import instance_label, relabel_sequential
+from .readers import as_ids, load_mat
 from .splits import split_sources
 from .tiles import tile_offsets, write_tiles  # noqa: F401  (tile_offsets: bundle.data.consep.tile_offsets)
 from .writer import DatasetWriter, check_output
@@ -58,29 +58,19 @@ def read_image(path: Path) -> np.ndarray:
         raise ValueError(f"cannot read image {path}: {e}") from e
 
 
-def _as_int(array, path: Path, key: str) -> np.ndarray:
-    array = np.asarray(array)
-    if not np.all(array == np.round(array)):
-        raise ValueError(f"{path}: '{key}' holds non-integer values")
-    return array.astype(np.int64)
-
-
 def read_label(path: Path, type_scheme: int = 7) -> tuple[np.ndarray, np.ndarray, int]:
     """CoNSeP .mat -> (instance map renumbered 1..n (H, W), 4-class type of instance i+1 (n,), largest raw type id)."""
     if type_scheme not in (4, 7):
         raise ValueError(f"type_scheme must be 7 (official) or 4 (merged), got {type_scheme}")
-    try:
-        mat = sio.loadmat(path)
-    except Exception as e:
-        raise ValueError(f"cannot read label file {path}: {e}") from e
+    mat = load_mat(path)
     for key in ("inst_map", "type_map"):
         if key not in mat:
             raise ValueError(f"{path}: no '{key}' (expected inst_map and type_map (H, W), inst_type (N, 1))")
-    inst = _as_int(mat["inst_map"], path, "inst_map")
-    type_map = _as_int(mat["type_map"], path, "type_map")
+    inst = as_ids(mat["inst_map"], path, "inst_map")
+    type_map = as_ids(mat["type_map"], path, "type_map")
     if inst.ndim != 2 or inst.shape != type_map.shape:
         raise ValueError(f"{path}: inst_map {inst.shape} and type_map {type_map.shape} must be the same (H, W)")
-    inst_type = _as_int(mat["inst_type"], path, "inst_type").reshape(-1) if "inst_type" in mat else None
+    inst_type = as_ids(mat["inst_type"], path, "inst_type").reshape(-1) if "inst_type" in mat else None
     all_types = np.union1d(np.unique(type_map), inst_type if inst_type is not None else [])
     top = 7 if type_scheme == 7 else 4
     bad = all_types[(all_types < 0) | (all_types > top)]

@@ -125,11 +125,17 @@ def _single_channel(array: np.ndarray, path: Path) -> np.ndarray:
     return array[..., 0]
 
 
-def _read_mat(path: Path) -> LabelFile:
+def load_mat(path: Path) -> dict:
+    """The variables of a MATLAB ``.mat`` file (``scipy.io.loadmat``): the one ``.mat`` reader of the bundle (CoNSeP's
+    importer and the folder importer both read through it); unreadable: ``ValueError`` naming the file."""
     try:
-        mat = sio.loadmat(path)
+        return sio.loadmat(path)
     except Exception as e:
         raise ValueError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+
+
+def _read_mat(path: Path) -> LabelFile:
+    mat = load_mat(path)
     if "inst_map" not in mat:
         keys = sorted(k for k in mat if not k.startswith("__"))
         raise ValueError(f"{path}: no 'inst_map' (has {keys}); expected a CoNSeP / Lizard / CPM style .mat with "
@@ -185,10 +191,7 @@ def read_class_map(path: Path) -> np.ndarray:
     """A class map file (PNG / TIFF / ``.npy``, or a ``.mat`` with ``type_map`` or ``class_map``) -> (H, W) int64."""
     if path.suffix.lower() != ".mat":
         return as_ids(_single_channel(load_array(path, label=True), path), path, "the class map")
-    try:
-        mat = sio.loadmat(path)
-    except Exception as e:
-        raise ValueError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+    mat = load_mat(path)
     key = next((k for k in ("type_map", "class_map") if k in mat), None)
     if key is None:
         raise ValueError(f"{path}: a class map .mat needs 'type_map' or 'class_map'")

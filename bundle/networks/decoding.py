@@ -117,6 +117,25 @@ def best_slot(masks: torch.Tensor, iou: torch.Tensor) -> torch.Tensor:
     return masks.gather(-3, index).squeeze(-3)
 
 
+def loss_grid(loss_size: int | None, size: tuple[int, int]) -> tuple[int, int]:
+    """The grid a loss is computed on: ``size`` (the targets') when ``loss_size`` is None, else loss_size x loss_size.
+    A bad ``loss_size`` (not a positive integer) is refused, naming the key."""
+    if loss_size is None:
+        return tuple(size)
+    if isinstance(loss_size, bool) or not isinstance(loss_size, int) or loss_size < 1:
+        raise ValueError(f"loss_size must be a positive number of pixels or None (the targets' size), got {loss_size!r}")
+    return (loss_size, loss_size)
+
+
+def to_grid(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Masks or targets (..., H, W) area-averaged onto the loss grid ``size`` (soft values in [0, 1]; the mean of
+    the pixels each grid cell covers); returned unchanged when they already have that size."""
+    if tuple(masks.shape[-2:]) == tuple(size):
+        return masks
+    flat = masks.reshape(-1, 1, *masks.shape[-2:]).float()
+    return F.interpolate(flat, size=size, mode="area").view(*masks.shape[:-2], *size)
+
+
 def upsample(low: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear upsampling of decoder logits (..., h, w) to ``size``, as ``SamPredictor.postprocess_masks``."""
     flat = low.reshape(-1, 1, *low.shape[-2:])

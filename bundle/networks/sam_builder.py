@@ -157,10 +157,20 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: Sam, source: str = "
     return out
 
 
+def read_file(path: str | os.PathLike, what: str = "checkpoint"):
+    """``torch.load(path, weights_only=True)`` on the CPU; ``FileNotFoundError`` / :class:`CheckpointError` naming
+    the file (``what`` names the kind of file in the first)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:  # truncated file, wrong format, pickle with code ...
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+
+
 def load_sam_checkpoint(model: Sam, path: str | os.PathLike) -> Sam:
     """Load an official-layout SAM checkpoint at ``path`` into ``model``, resizing position tables as needed."""
-    from bundle.checkpoints import read_file  # the one checkpoint reader; it imports this package
-
     path = os.fspath(path)
     state = read_file(path, "SAM checkpoint")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):

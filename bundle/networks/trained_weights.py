@@ -31,6 +31,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from bundle.networks.lora import fold_adapters
 from bundle.networks.sam_builder import SAM_SIZES, CheckpointError
 
 
@@ -250,3 +251,9 @@ def check_state_dict(state: Mapping[str, torch.Tensor], net: nn.Module, source: 
             f"{source}: does not fit PromptableSAM({want}); the checkpoint looks like {describe_layout(state)}. "
             "Pass the model_size / image_size / lora_rank it was trained with. Details: " + "; ".join(parts)
         )
+
+
+def fold_stage1(network, stage1: dict, source: str, fold_seed: int = 0) -> None:
+    """Put ``network`` (on the run's original base) at the start of stage 2: load the stage-1 tensors, fold them."""
+    load_trained(network, stage1, f"{source} (stage-1 tensors)")
+    fold_adapters(network.sam, fold_seed)
