@@ -54,7 +54,8 @@ base: $(STAMP) data/consep/datalist.json data/ct/datalist.json
 		--seed $(SEED) $(ARGS)
 
 # The papers' comparison on the testbed base (docs/results.md), most wanted first: the base's single-click Dice on the
-# test split; zero-shot / supervised / SAMPO on CoNSeP T1 and T2 at 10 % and 100 % of the training split; paper
+# test split; issue 20's comparison (both supervised anchors against SAMPO with each reward region), its 100 % line,
+# the three-term ablations, the reward-region / beta / loss-grid sweeps with the disagreement region; zero-shot / supervised / SAMPO on CoNSeP T1 and T2 at 10 % and 100 % of the training split; paper
 # 003's virtual annotator; the loss-term ablations, beta, lambda_dw, the learning rate and 8 prompt sets at 10 %;
 # over SEEDS. Runs live in RUNS (outside the repository; a rerun reuses finished runs, and a run shared by two tables
 # is trained once), the tables are written to docs/results/. JOBS trainings at once, one thread each. learning_rate
@@ -68,9 +69,25 @@ JOBS ?= 2
 TESTBED_RUN := --model_size small --image_size 256 --batch_size 4 --learning_rate 0.0001 --val_interval 3 \
 	--datalist data/consep/datalist.json --sensitivity_max_images 30 --threads 1 --jobs $(JOBS)
 TESTBED := $(TESTBED_RUN) --max_epochs 6 --bundle_root_base $(RUNS)
+DIAGNOSTIC := --override log_gradient_ratio=true   # issue 20's tables also log the preference / SUP gradient ratio
 results: $(STAMP) data/consep/datalist.json
 	OMP_NUM_THREADS=1 $(PY) -m monai.bundle run evaluating_base --config_file "['configs/train.yaml','configs/pretrain.yaml']" \
 		--base_checkpoint models/sam_small_base.pth --output_dir $(RUNS)/base --num_threads 1
+	$(PY) scripts/run_experiments.py --set comparison --task consep_t1 consep_t2 --train_fraction 10 --seeds $(SEEDS) \
+		$(TESTBED) $(DIAGNOSTIC) --output docs/results/comparison_f10.md
+	$(PY) scripts/run_experiments.py --set comparison --configs supervised sampo_disagreement --task consep_t1 \
+		--train_fraction 100 --seeds $(SEEDS_FULL) $(TESTBED) $(DIAGNOSTIC) --output docs/results/comparison_t1_f100.md
+	$(PY) scripts/run_experiments.py --set ablation_terms_disagreement --task consep_t1 --train_fraction 10 \
+		--seeds $(SEEDS_ABLATION) $(TESTBED) $(DIAGNOSTIC) --output docs/results/ablation_disagreement_t1_f10.md
+	$(PY) scripts/run_experiments.py --set ablation_terms_disagreement --configs supervised po1_po2_disagreement \
+		sampo_disagreement --task consep_t2 --train_fraction 10 --seeds $(SEEDS_ABLATION) $(TESTBED) $(DIAGNOSTIC) \
+		--output docs/results/ablation_disagreement_t2_f10.md
+	$(PY) scripts/run_experiments.py --set reward_region --task consep_t1 --train_fraction 10 --seeds $(SEEDS_ABLATION) \
+		$(TESTBED) $(DIAGNOSTIC) --output docs/results/reward_region_t1_f10.md
+	$(PY) scripts/run_experiments.py --set beta_disagreement --task consep_t1 --train_fraction 10 \
+		--seeds $(SEEDS_ABLATION) $(TESTBED) $(DIAGNOSTIC) --output docs/results/beta_disagreement_t1_f10.md
+	$(PY) scripts/run_experiments.py --set loss_grid --task consep_t1 --train_fraction 10 --seeds $(SEEDS_ABLATION) \
+		$(TESTBED) $(DIAGNOSTIC) --output docs/results/loss_grid_t1_f10.md
 	$(PY) scripts/run_experiments.py --set main --task consep_t1 consep_t2 --train_fraction 10 --seeds $(SEEDS) $(TESTBED) \
 		--output docs/results/testbed_f10.md
 	$(PY) scripts/run_experiments.py --set main --task consep_t1 consep_t2 --train_fraction 100 --seeds $(SEEDS_FULL) \
