@@ -75,7 +75,7 @@ results: $(STAMP) data/consep/datalist.json
 		--base_checkpoint models/sam_small_base.pth --output_dir $(RUNS)/base --num_threads 1
 	$(PY) scripts/run_experiments.py --set comparison --task consep_t1 consep_t2 --train_fraction 10 --seeds $(SEEDS) \
 		$(TESTBED) $(DIAGNOSTIC) --output docs/results/comparison_f10.md
-	$(PY) scripts/run_experiments.py --set comparison --configs supervised sampo_disagreement --task consep_t1 \
+	$(PY) scripts/run_experiments.py --set comparison --configs supervised sampo_disagreement po1_po2_disagreement --task consep_t1 \
 		--train_fraction 100 --seeds $(SEEDS_FULL) $(TESTBED) $(DIAGNOSTIC) --output docs/results/comparison_t1_f100.md
 	$(PY) scripts/run_experiments.py --set ablation_terms_disagreement --task consep_t1 --train_fraction 10 \
 		--seeds $(SEEDS_ABLATION) $(TESTBED) $(DIAGNOSTIC) --output docs/results/ablation_disagreement_t1_f10.md
