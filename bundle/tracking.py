@@ -262,12 +262,17 @@ class MLFlowHandler(_MonaiMLFlowHandler):
         self._logged_until: dict[str, int] | None = None
 
     def _answering(self, event, *args) -> None:
-        """Run the handler method ``event``; a remote server that fails it raises :class:`TrackingUnavailable`."""
+        """Run the handler method ``event``; a remote server that fails it raises :class:`TrackingUnavailable`. Only
+        what an outage raises counts (MLflow's ``MlflowException`` after its retries, ``requests``' connection
+        errors, an ``OSError``); a bug in the handler keeps its own exception."""
+        from mlflow.exceptions import MlflowException
+        from requests.exceptions import RequestException
+
         try:
             event(*args)
         except TrackingUnavailable:
             raise
-        except Exception as e:
+        except (MlflowException, RequestException, OSError) as e:
             uri = self.client.tracking_uri
             if not _is_remote(uri):
                 raise
