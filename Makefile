@@ -82,6 +82,8 @@ results: $(STAMP) data/consep/datalist.json
 	$(PY) scripts/run_experiments.py --set ablation_terms_disagreement --configs supervised po1_po2_disagreement \
 		sampo_disagreement --task consep_t2 --train_fraction 10 --seeds $(SEEDS_ABLATION) $(TESTBED) $(DIAGNOSTIC) \
 		--output docs/results/ablation_disagreement_t2_f10.md
+	$(PY) scripts/run_experiments.py --set va_disagreement --task consep_t1 --train_fraction 10 --seeds 0 $(TESTBED) \
+		$(DIAGNOSTIC) --output docs/results/va_disagreement_t1_f10.md
 	$(PY) scripts/run_experiments.py --set reward_region --task consep_t1 --train_fraction 10 --seeds $(SEEDS_ABLATION) \
 		$(TESTBED) $(DIAGNOSTIC) --output docs/results/reward_region_t1_f10.md
 	$(PY) scripts/run_experiments.py --set beta_disagreement --task consep_t1 --train_fraction 10 \
