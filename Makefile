@@ -79,9 +79,8 @@ results: $(STAMP) data/consep/datalist.json
 		--train_fraction 100 --seeds $(SEEDS_FULL) $(TESTBED) $(DIAGNOSTIC) --output docs/results/comparison_t1_f100.md
 	$(PY) scripts/run_experiments.py --set ablation_terms_disagreement --task consep_t1 --train_fraction 10 \
 		--seeds $(SEEDS_ABLATION) $(TESTBED) $(DIAGNOSTIC) --output docs/results/ablation_disagreement_t1_f10.md
-	$(PY) scripts/run_experiments.py --set ablation_terms_disagreement --configs supervised po1_po2_disagreement \
-		sampo_disagreement --task consep_t2 --train_fraction 10 --seeds $(SEEDS_ABLATION) $(TESTBED) $(DIAGNOSTIC) \
-		--output docs/results/ablation_disagreement_t2_f10.md
+	$(PY) scripts/run_experiments.py --set ablation_terms_disagreement --task consep_t2 --train_fraction 10 \
+		--seeds $(SEEDS_ABLATION) $(TESTBED) $(DIAGNOSTIC) --output docs/results/ablation_disagreement_t2_f10.md
 	$(PY) scripts/run_experiments.py --set va_disagreement --task consep_t1 --train_fraction 10 --seeds 0 $(TESTBED) \
 		$(DIAGNOSTIC) --output docs/results/va_disagreement_t1_f10.md
 	$(PY) scripts/run_experiments.py --set reward_region --task consep_t1 --train_fraction 10 --seeds $(SEEDS_ABLATION) \
