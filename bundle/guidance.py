@@ -60,14 +60,15 @@ def guidance_to_points(guidance: torch.Tensor, max_points: int = 16, threshold: 
 
 
 def click_channels(points: Sequence[Sequence[float]], n_fg: int, size: tuple[int, int],
-                   image_size: int) -> torch.Tensor:
-    """(x, y) clicks on an image of ``size`` (H, W), the first ``n_fg`` foreground -> the network's (2, S, S) click
-    channels at ``image_size`` S: each click scaled with the image (pixel centres kept) onto its nearest pixel. The
-    one mapping of served clicks; training on MONAI Label's human preference pairs (:mod:`bundle.human_pairs`) uses
-    it too, so that a pair is trained under the prompt the network answered."""
+                   image_size: int | None = None) -> torch.Tensor:
+    """(x, y) clicks on an image of ``size`` (H, W), the first ``n_fg`` foreground -> the network's click channels:
+    (2, S, S) at ``image_size`` S, each click scaled with the image (pixel centres kept) onto its nearest pixel; or,
+    with ``image_size=None``, (2, H, W) at the image's own resolution (native-resolution tiling,
+    :mod:`bundle.tiling`). The one mapping of served clicks; training on MONAI Label's human preference pairs
+    (:mod:`bundle.human_pairs`) uses it too, so that a pair is trained under the prompt the network answered."""
     h, w = size
-    s = int(image_size)
+    oh, ow = (h, w) if image_size is None else (int(image_size),) * 2
     xy = torch.tensor(points, dtype=torch.float32).view(1, -1, 2)
-    xy = torch.minimum((xy + 0.5) * torch.tensor([s / w, s / h]) - 0.5, torch.tensor(s - 1.0)).clamp_min(0)
+    xy = torch.minimum((xy + 0.5) * torch.tensor([ow / w, oh / h]) - 0.5, torch.tensor([ow - 1.0, oh - 1.0]))
     labels = torch.tensor([1] * n_fg + [0] * (len(points) - n_fg)).view(1, -1)
-    return points_to_guidance(xy, labels, (s, s))[0]
+    return points_to_guidance(xy.clamp_min(0), labels, (oh, ow))[0]

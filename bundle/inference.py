@@ -25,7 +25,12 @@ above 0.5 are the foreground (channel 0) and background (channel 1) clicks, in t
 (:mod:`bundle.clicks` reads every click source).
 
 CT intensities are windowed to -125..275 HU (configurable, :mod:`bundle.transforms.ct`), mapped to [0, 1] and the
-grey channel repeated to RGB. The network input is the image resized to ``image_size`` plus two one-hot click channels (:mod:`bundle.guidance`).
+grey channel repeated to RGB. The network input is the image plus two one-hot click channels (:mod:`bundle.guidance`):
+
+* 2D images at their own resolution, any size (``tiling`` mode ``propagate`` or ``routed``): the inferer cuts the
+  field into ``image_size`` tiles, pads what is smaller, and blends the tiles' logits back (:mod:`bundle.tiling`);
+* with ``tiling`` mode ``resize`` or none given (configs of older exported bundles), and always for a slice of a
+  volume (the CT training slices were resized to ``image_size`` too), the image resized to ``image_size``.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from monai.transforms import MapTransform
 
 from bundle.clicks import PromptInputError, clicks_of_request, slice_of_request
 from bundle.guidance import click_channels
+from bundle.tiling import Tiling
 from bundle.image_meta import IMAGE_SUFFIXES, META_KIND, META_SLICE, VOLUME_SUFFIXES, image_meta, source_name  # noqa: F401
 from bundle.masks import PromptMaskd, SaveImageMaskd, mask_path  # noqa: F401  (names of the config in older model.ts)
 from bundle.transforms.ct import apply_window, window_range
@@ -95,10 +101,12 @@ class PromptImaged(MapTransform):
         background_key: str = "background",
         slice_key: str = "slice_index",
         max_points: int = 16,
+        tiling: Tiling | Mapping | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.image_size, self.window = int(image_size), window_range(window)
+        self.native = tiling is not None and Tiling.of(tiling).mode != "resize"
         self.clicks_key, self.foreground_key, self.background_key = clicks_key, foreground_key, background_key
         self.slice_key, self.max_points = slice_key, max_points
 
@@ -155,14 +163,21 @@ class PromptImaged(MapTransform):
         image = np.repeat(apply_window(display_slice(canonical, k), self.window)[None], 3, axis=0)
         return image, points, k
 
-    def _network_input(self, image: np.ndarray, clicks: list, points: list, n_fg: int, name: str) -> torch.Tensor:
-        """(3, H, W) image and its clicks -> ``(3 + 2, S, S)``: the image resized, the clicks scaled with it."""
+    def _network_input(self, image: np.ndarray, clicks: list, points: list, n_fg: int, name: str,
+                       native: bool = False) -> torch.Tensor:
+        """(3, H, W) image and its clicks -> ``(3 + 2, S, S)``: the image resized, the clicks scaled with it; or,
+        ``native``, ``(3 + 2, H, W)`` as it is (:mod:`bundle.tiling` cuts it)."""
         h, w = image.shape[1:]
         for c, p in zip(clicks, points):
             if not (0 <= p[0] < w and 0 <= p[1] < h):
                 raise PromptInputError(
                     f"{name}: click {c} is outside the image ({w} columns x {h} rows; x is the column, y the row)"
                 )
+        if min(h, w) < 2:
+            raise PromptInputError(f"{name}: an image of {w} x {h} pixels is too small to segment (at least 2 x 2)")
+        if native:
+            return torch.cat([torch.from_numpy(np.ascontiguousarray(image)), click_channels(points, n_fg, (h, w))],
+                             dim=0).float()
         s = self.image_size
         resized = F.interpolate(torch.from_numpy(np.ascontiguousarray(image))[None], size=(s, s), mode="bilinear",
                                 align_corners=False)[0]
@@ -201,7 +216,8 @@ class PromptImaged(MapTransform):
             else:
                 raise PromptInputError(f"{name}: expected a 2D image or a 3D volume, got array shape {arr.shape}")
             meta.update({META_KIND: "2d" if k < 0 else "volume", META_SLICE: int(k)})
-            d[key] = MetaTensor(self._network_input(image, fg + bg, points, len(fg), name), meta=meta)
+            x = self._network_input(image, fg + bg, points, len(fg), name, native=self.native and k < 0)
+            d[key] = MetaTensor(x, meta=meta)
         return d
 
 

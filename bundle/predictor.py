@@ -22,7 +22,9 @@ Cache contract:
 :class:`CachedPromptInferer` is the MONAI ``Inferer`` of ``configs/inference.yaml`` (so of MONAI Label's infer
 task): it keeps one predictor for the served network object, shared by all its instances in the process (a config
 parsed again keeps the cache), so a network that MONAI Label reloads after training starts a fresh cache. Networks
-without ``encode`` / ``decode_clicks`` (TorchScript ``model.ts``) are run as they are.
+without ``encode`` / ``decode_clicks`` (TorchScript ``model.ts``) are run as they are. With ``tiling`` (mode
+``propagate`` / ``routed``) a field of any size is run tile by tile at its own resolution (:mod:`bundle.tiling`);
+each tile's embedding is cached under ``<image id>#<tile offset>``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from torch import nn
 
+from bundle.tiling import Tiling, tiled_forward
 from bundle.embedding_cache import EmbeddingCache, image_digest, weights_fingerprint  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -147,15 +150,19 @@ class CachedPromptInferer(Inferer):
     networks that cannot be split, e.g. TorchScript).
 
     Args:
-        cache_size: image embeddings kept per served network (0: no cache).
+        cache_size: image embeddings kept per served network (0: no cache); with tiling, a field holds one
+            embedding per tile.
+        tiling: a :class:`~bundle.tiling.Tiling` or its config mapping; ``None`` or mode ``resize``: the input is
+            run as it is (what :class:`~bundle.inference.PromptImaged` resized).
     """
 
     _served: Optional[SAMPOPredictor] = None  # shared by the instances: a config parsed again keeps the cache
     _lock = threading.Lock()
 
-    def __init__(self, cache_size: int = 8) -> None:
+    def __init__(self, cache_size: int = 8, tiling: Tiling | dict | None = None) -> None:
         EmbeddingCache(max_items=cache_size)  # the argument check, before the first request
         self.cache_size = cache_size
+        self.tiling = None if tiling is None or Tiling.of(tiling).mode == "resize" else Tiling.of(tiling)
 
     def predictor(self, network: nn.Module) -> SAMPOPredictor:
         """The predictor of ``network`` (a new one, with an empty cache, when the served network object changed)."""
@@ -168,6 +175,19 @@ class CachedPromptInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
         x = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
-        if args or kwargs or not callable(getattr(network, "decode_clicks", None)):
+        splittable = callable(getattr(network, "decode_clicks", None))
+        if args or kwargs:
             return network(x, *args, **kwargs)
-        return self.predictor(network).forward_input(x, _image_ids(inputs, x.shape[0]))
+        ids = _image_ids(inputs, x.shape[0])
+        if self.tiling is None:
+            return self.predictor(network).forward_input(x, ids) if splittable else network(x)
+        channels = int(getattr(network, "in_channels", x.shape[1] - 2))
+        out = []
+        for b in range(x.shape[0]):
+            def forward(tiles: torch.Tensor, tile_ids, image_id=ids[b]) -> torch.Tensor:
+                if not splittable:
+                    return network(tiles)
+                return self.predictor(network).forward_input(tiles, [f"{image_id}#{t}" if image_id else None
+                                                                     for t in tile_ids])
+            out.append(tiled_forward(forward, x[b], self.tiling, channels).to(x.device))
+        return torch.stack(out)

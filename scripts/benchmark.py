@@ -4,6 +4,7 @@
     python scripts/benchmark.py --sizes small --options fp32 amp checkpointing --image_size 256 --write docs/benchmarks.md
     python scripts/benchmark.py --objective pretraining --sizes small --batch 8 --n_sets 4 --image_size 256
     python scripts/benchmark.py --clicks --sizes tiny small vit_b --repeats 20 --write docs/benchmarks.md
+    python scripts/benchmark.py --field 5000 --sizes small --image_size 256 --write docs/benchmarks.md
     python scripts/benchmark.py --compare --sizes small --image_size 256 --batch 4 --n_sets 4 --write docs/benchmarks.md
 
 Each size runs in its own process so that peak memory (max RSS) is its own. A training step is one SAMPO
@@ -359,9 +360,66 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare", action="store_true",
                         help="one process per size: SAMPO step with the reference cache off / on vs a supervised "
                              "LoRA step vs the two encoder passes, interleaved; ratios")
+    parser.add_argument("--field", type=int, help="time and peak memory of an N x N field through the tiler")
     parser.add_argument("--write", help="markdown file to write the table to")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     return parser
+
+
+def measure_field(size: str, side: int, image_size: int) -> dict:
+    """A ``side`` x ``side`` field through the native-resolution tiler (bundle/tiling.py), one positive click per
+    tile so that every tile runs (the worst case of a field), no embedding cache: time and peak resident memory."""
+    import resource
+
+    import torch
+
+    sys.path.insert(0, REPO)
+    from bundle.guidance import click_channels
+    from bundle.networks import PromptableSAM
+    from bundle.tiling import Tiling, tiled_forward
+
+    torch.manual_seed(0)
+    net = PromptableSAM(size, image_size=image_size, lora_rank=0).eval()
+    tiling = Tiling(mode="routed", tile_size=image_size, overlap=image_size // 4)
+    step = image_size - tiling.overlap
+    fg = [[x, y] for y in range(step // 2, side, step) for x in range(step // 2, side, step)]
+    image = torch.rand((3, side, side))
+    x = torch.cat([image, click_channels(fg, len(fg), (side, side))])
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    runs = []
+
+    def forward(tiles, ids):
+        runs.append(len(tiles))
+        if len(runs) % 50 == 0:
+            print(f"  {sum(runs)} tiles", file=sys.stderr, flush=True)
+        return net(tiles)
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = tiled_forward(forward, x, tiling, 3)
+    seconds = time.perf_counter() - t0
+    return {"side": side, "tiles": sum(runs), "seconds": seconds, "seconds_per_tile": seconds / max(sum(runs), 1),
+            "input_mb": x.numel() * 4 / 2**20, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_before_mb": rss_before, "out_shape": list(out.shape)}
+
+
+def run_field(args) -> None:
+    """--field N: the tiler's time and peak memory on an N x N field, per size; printed and written."""
+    for size in args.sizes:
+        r = measure_field(size, args.field, args.image_size)
+        print(json.dumps(r), flush=True)
+        text = "\n".join([
+            f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} python scripts/benchmark.py --field "
+            f"{args.field} --sizes {size} --image_size {args.image_size}`; a random-weight `{size}` SAM, one "
+            "click per tile (every tile runs), tiles of the image size with a quarter overlap, no cache.", "",
+            "| field | tiles | time (s) | s / tile | input (MB) | peak RSS before / after (MB) |",
+            "|---|---|---|---|---|---|",
+            f"| {r['side']} x {r['side']} | {r['tiles']} | {r['seconds']:.1f} | {r['seconds_per_tile']:.3f} | "
+            f"{r['input_mb']:.0f} | {r['rss_before_mb']:.0f} / {r['peak_rss_mb']:.0f} |"])
+        print(text)
+        if args.write:
+            write_section(args.write, f"## Whole field at native resolution ({size}, {args.image_size} px tiles)",
+                          text)
 
 
 def run_compare(args) -> None:
@@ -435,6 +493,8 @@ def main(argv=None):
     elif args._child:
         print(json.dumps(measure(args._child, args.batch, args.n_sets, args.repeats, args.image_size, args.objective,
                                  args.correction_rounds, args.loss_size, args.option)))
+    elif args.field:
+        run_field(args)
     elif args.compare:
         run_compare(args)
     else:

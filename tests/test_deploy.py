@@ -79,7 +79,7 @@ pre = parser.get_parsed_content("preprocessing")
 names = [type(t).__name__ for t in pre.transforms]
 assert names == ["LoadImaged", "EnsureChannelFirstd", "PromptImaged"], names
 post = [type(t).__name__ for t in parser.get_parsed_content("postprocessing").transforms]
-assert post == ["PromptMaskd", "SaveImageMaskd"], post  # the SDK leaves out LoadImage* / SaveImage*
+assert post == ["NucleiInstancesd", "PromptMaskd", "SaveImageMaskd", "SaveImageNucleid"], post  # the SDK leaves out LoadImage* / SaveImage*
 net = torch.jit.load(path)
 print(json.dumps(list(net(torch.zeros(2, 5, {SIZE}, {SIZE})).shape)))
 """

@@ -12,22 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from bundle.tiling import tile_offsets  # noqa: F401  (the one tiling of the bundle; importers name it here)
+
 from .instances import instance_label, relabel_sequential
-
-
-def tile_offsets(size: int, tile: int, stride: int | None = None) -> list[int]:
-    """Tile start offsets along one axis covering ``size`` (the last tile flush with the border)."""
-    if size < tile:
-        raise ValueError(f"image side {size} is smaller than the tile size {tile}")
-    if stride is None:
-        n = int(np.ceil((size - tile) / tile)) + 1
-        return [int(round(i * (size - tile) / (n - 1))) for i in range(n)] if n > 1 else [0]
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    offsets = list(range(0, size - tile + 1, stride))
-    if offsets[-1] != size - tile:
-        offsets.append(size - tile)
-    return offsets
 
 
 def write_tiles(writer, split: str, stem: str, image: np.ndarray, label: np.ndarray, tile_size: int,
