@@ -369,7 +369,6 @@ def _parser() -> argparse.ArgumentParser:
 def measure_field(size: str, side: int, image_size: int) -> dict:
     """A ``side`` x ``side`` field through the native-resolution tiler (bundle/tiling.py), one positive click per
     tile so that every tile runs (the worst case of a field), no embedding cache: time and peak resident memory."""
-    import resource
 
     import torch
 

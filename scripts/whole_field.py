@@ -9,7 +9,6 @@ bundle/whole_field.py; this script is argument parsing and a JSON file.
 """
 
 import argparse
-import json
 import logging
 import os
 import sys
