@@ -9,6 +9,13 @@ returns the logits of the slot with the highest predicted IoU; ``logit > 0`` is 
 number of nuclei, density stratum), and at the end writes ``results.csv`` and ``summary.json`` (means overall, per
 class, per tissue, per density stratum), optionally the prompt-sensitivity grid (:mod:`bundle.sensitivity`), and logs
 all of it to one MLflow run.
+
+Nuclei (t1 / t2, :func:`item_nuclei_metrics`): the predicted mask is split into nuclei by inference's watershed
+(:func:`bundle.nuclei.split_instances`, ``configs/evaluate.yaml#nuclei``) and matched against the item's target
+instances (``target_inst``: every nucleus for t1, those of the class for t2) with :func:`bundle.nuclei_metrics.
+nuclei_metrics`: PQ = DQ x SQ, AJI, detection F1 at IoU > 0.5 and the count error. Groups report the means over
+their items (HoVer-Net's convention for PQ and AJI: per image, then averaged); ``overall.nuclei_pooled`` adds the
+detection F1 of the pooled counts, ``F1 = 2 sum TP / (2 sum TP + sum FP + sum FN)``.
 """
 
 from __future__ import annotations
@@ -31,11 +38,18 @@ from bundle.io import atomic_write
 from bundle.metrics import STRATA, count_instances, overlap
 from bundle.networks import CheckpointError
 from bundle.networks.decoding import upsample
+from bundle.nuclei import split_instances
+from bundle.nuclei_metrics import nuclei_metrics
 
 logger = logging.getLogger(__name__)
 
+NUCLEI_FIELDS = ("pq", "dq", "sq", "aji", "f1", "precision", "recall", "tp", "fp", "fn", "true_count", "pred_count",
+                 "count_abs_error", "count_rel_error")
 ROW_FIELDS = ("name", "target_class", "class_name", "tissue", "n_nuclei", "stratum", "dice", "iou", "oracle_dice",
-              "pred_fraction", "target_fraction")
+              "pred_fraction", "target_fraction", *NUCLEI_FIELDS)
+# the nuclei metrics that groups report as means (the TP / FP / FN counts are pooled instead)
+NUCLEI_MEANS = ("pq", "dq", "sq", "aji", "f1", "true_count", "pred_count", "count_abs_error", "count_rel_error")
+NUCLEI_SPLIT_KEYS = ("threshold", "min_distance", "min_size")
 
 
 # -- the network under evaluation ----------------------------------------------------------------------------------
@@ -71,6 +85,28 @@ def slot_dice(network: nn.Module, x: torch.Tensor, label: torch.Tensor) -> torch
     points, labels = guidance_to_points(x[None, c:], network.max_points)
     low, _ = network.decode(network.encode(x[None, :c]), points[:, None], labels[:, None], input_size=(h, w))
     return overlap(upsample(low[0, 0], (h, w)) > 0, torch.as_tensor(label).reshape(h, w).to(low.device))[0]
+
+
+def nuclei_split(config: dict | None) -> dict | None:
+    """The watershed parameters of ``configs/evaluate.yaml#nuclei`` (``enabled``, ``threshold``, ``min_distance``,
+    ``min_size``), or None when disabled; an unknown key is refused, naming the known ones."""
+    if not config:
+        return None
+    unknown = sorted(set(config) - {"enabled", *NUCLEI_SPLIT_KEYS})
+    if unknown:
+        raise ValueError(f"nuclei: unknown key(s) {unknown}; expected enabled, {', '.join(NUCLEI_SPLIT_KEYS)}")
+    if not config.get("enabled", True):
+        return None
+    return {k: config[k] for k in NUCLEI_SPLIT_KEYS if k in config}
+
+
+def item_nuclei_metrics(pred: torch.Tensor | np.ndarray, target_inst: torch.Tensor | np.ndarray,
+                        split: dict) -> dict[str, float | int]:
+    """Nuclei metrics of one item: the binary prediction ``pred`` (1, H, W) split into nuclei with ``split``
+    (:func:`bundle.nuclei.split_instances`) against the target instances ``target_inst`` (1, H, W)."""
+    pred = np.asarray(torch.as_tensor(pred).detach().cpu()).reshape(np.shape(target_inst)[-2:])
+    true = np.asarray(torch.as_tensor(target_inst).detach().cpu()).reshape(pred.shape).astype(np.int64)
+    return nuclei_metrics(true, split_instances(pred > 0.5, **split))
 
 
 # -- data ----------------------------------------------------------------------------------------------------------
@@ -122,17 +158,35 @@ def _mean(rows: list[dict], key: str) -> float:
     return float(np.mean([r[key] for r in rows])) if rows else float("nan")
 
 
+def _means(rows: list[dict]) -> dict:
+    """Dice and IoU means with ``n``, and the nuclei metrics' means when the rows have them."""
+    out = {"dice": _mean(rows, "dice"), "iou": _mean(rows, "iou")}
+    if rows and rows[0].get("pq") is not None:
+        out.update({k: _mean(rows, k) for k in NUCLEI_MEANS})
+    out["n"] = len(rows)
+    return out
+
+
+def _pooled(rows: list[dict]) -> dict:
+    """Detection F1 / precision / recall of the TP, FP and FN summed over ``rows``."""
+    tp, fp, fn = (int(sum(r[k] for r in rows)) for k in ("tp", "fp", "fn"))
+    return {"f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0,
+            "precision": tp / (tp + fp) if tp + fp else 0.0, "recall": tp / (tp + fn) if tp + fn else 0.0,
+            "tp": tp, "fp": fp, "fn": fn}
+
+
 def _group(rows: list[dict], field: str, order: Sequence[str] | None = None) -> dict:
     groups = defaultdict(list)
     for r in rows:
         if r.get(field) not in (None, ""):
             groups[str(r[field])].append(r)
     names = [n for n in order if n in groups] if order else sorted(groups)
-    return {n: {"dice": _mean(groups[n], "dice"), "iou": _mean(groups[n], "iou"), "n": len(groups[n])} for n in names}
+    return {n: _means(groups[n]) for n in names}
 
 
 def summarise(rows: list[dict], task: str) -> dict:
-    """Means of Dice and IoU: overall, per class (t2 / organ), per tissue (when known), per density stratum (nuclei).
+    """Means of Dice and IoU (and of the nuclei metrics when the rows have them): overall, per class (t2 / organ),
+    per tissue (when known), per density stratum (nuclei).
 
     Each group lists exactly the values present in ``rows`` with the number of items ``n``.
     """
@@ -140,8 +194,10 @@ def summarise(rows: list[dict], task: str) -> dict:
         "task": task,
         "n_items": len(rows),
         "n_images": len({r["name"] for r in rows}),
-        "overall": {"dice": _mean(rows, "dice"), "iou": _mean(rows, "iou"), "n": len(rows)},
+        "overall": _means(rows),
     }
+    if rows and rows[0].get("pq") is not None:
+        summary["overall"]["nuclei_pooled"] = _pooled(rows)
     if rows and rows[0].get("oracle_dice") is not None:  # the best of the 3 slots: the IoU head's selection cost
         summary["overall"]["oracle_dice"] = _mean(rows, "oracle_dice")
     if rows and "pred_fraction" in rows[0]:
@@ -172,14 +228,17 @@ def write_rows(rows: list[dict], path: str) -> str:
 def summary_metrics(summary: dict, prefix: str = "test") -> dict[str, float]:
     """Flat MLflow metrics of a summary: ``test_dice``, ``test_iou``, ``test_dice/class/<name>``, ..."""
     out = {f"{prefix}_dice": summary["overall"]["dice"], f"{prefix}_iou": summary["overall"]["iou"]}
-    for key in ("oracle_dice", "pred_fraction", "target_fraction"):
+    for key in ("oracle_dice", "pred_fraction", "target_fraction", *NUCLEI_MEANS):
         if key in summary["overall"]:
             out[f"{prefix}_{key}"] = summary["overall"][key]
+    if "nuclei_pooled" in summary["overall"]:
+        out[f"{prefix}_f1_pooled"] = summary["overall"]["nuclei_pooled"]["f1"]
     for section, tag in (("per_class", "class"), ("per_tissue", "tissue"), ("per_stratum", "stratum")):
         for name, values in summary.get(section, {}).items():
             safe = "".join(c if c.isalnum() or c in "_-." else "_" for c in name)
-            out[f"{prefix}_dice/{tag}/{safe}"] = values["dice"]
-            out[f"{prefix}_iou/{tag}/{safe}"] = values["iou"]
+            for key in ("dice", "iou", "pq", "aji", "f1", "count_rel_error"):
+                if key in values:
+                    out[f"{prefix}_{key}/{tag}/{safe}"] = values[key]
     return {k: v for k, v in out.items() if np.isfinite(v)}
 
 

@@ -203,11 +203,14 @@ def one(args, task: str, method: dict, column: dict | None, seed: int, env: dict
     common = [*task_over, *_overrides(args), "--train_fraction", str(fraction), "--seed", str(seed)]
     mono = [sys.executable, "-m", "monai.bundle", "run"]
     final = os.path.join(root, "models", f"checkpoint_epoch={final_epoch(args, method)}.pt")
-    if method["train"] and (args.force or not os.path.isfile(final)):
+    if method["train"] and args.reevaluate and not args.dry_run and not os.path.isfile(final):
+        raise FileNotFoundError(f"{final}: --reevaluate evaluates finished runs only; train it first (drop "
+                                "--reevaluate)")
+    if method["train"] and not args.reevaluate and (args.force or not os.path.isfile(final)):
         run([*mono, "training", "--config_file", _config_arg(base + exp_files), "--bundle_root", root, *common],
             os.path.join(root, "train.log"), env, args.dry_run)
     summary_path = os.path.join(root, "eval", "evaluation", "summary.json")
-    if args.force or not os.path.isfile(summary_path):
+    if args.force or args.reevaluate or not os.path.isfile(summary_path):
         ev = []  # zero-shot: the experiment config's eval_checkpoint '' (the initial network)
         if method["train"]:
             ckpt = final if args.checkpoint == "final" else os.path.join(root, "models", "best_model.pt")
@@ -275,7 +278,42 @@ def table(rows: list[dict], columns: list[str], results: dict, title: str, notes
                 runs = results.get((m["name"], c), [])
                 lines.append(f"| {m['label']} | " + " | ".join(_stat([_get(s, section, g, "dice") for s in runs])
                                                             for g in groups) + " |")
+    lines += nuclei_table(rows, columns, results)
     return "\n".join(lines + paired_differences(rows, columns, results) + [""] + notes) + "\n"
+
+
+NUCLEI_COLUMNS = (("PQ", "pq"), ("DQ", "dq"), ("SQ", "sq"), ("AJI", "aji"), ("F1", "f1"),
+                  ("count rel. error", "count_rel_error"))
+
+
+def nuclei_table(rows: list[dict], columns: list[str], results: dict) -> list[str]:
+    """Markdown lines of the nuclei metrics (bundle.evaluation, mean over items, then mean ± sd over seeds): per
+    column PQ, DQ, SQ, AJI, detection F1 at IoU 0.5, the pooled F1 and the relative count error; then PQ per class
+    and per density stratum. No lines when no evaluation has them (the organ task, or summaries written before)."""
+    out = []
+    for c in columns:
+        if not any(_get(s, "overall", "pq") is not None for m in rows for s in results.get((m["name"], c), [])):
+            continue
+        out += ["", f"Nuclei, {c} (per item, then mean over items; F1 pooled: the test split's TP / FP / FN summed):",
+                "", "| Method | " + " | ".join(h for h, _ in NUCLEI_COLUMNS) + " | F1 pooled |",
+                "|---" * (2 + len(NUCLEI_COLUMNS)) + "|"]
+        for m in rows:
+            runs = results.get((m["name"], c), [])
+            cells = [_stat([_get(s, "overall", k) for s in runs]) for _, k in NUCLEI_COLUMNS]
+            cells.append(_stat([_get(s, "overall", "nuclei_pooled", "f1") for s in runs]))
+            out.append(f"| {m['label']} | " + " | ".join(cells) + " |")
+        for section, what in (("per_class", "class"), ("per_stratum", "density stratum")):
+            groups = sorted({g for m in rows for s in results.get((m["name"], c), [])
+                             for g, v in (s.get(section) or {}).items() if "pq" in v})
+            if not groups:
+                continue
+            out += ["", f"PQ per {what}, {c}:", "", "| Method | " + " | ".join(groups) + " |",
+                    "|---" * (1 + len(groups)) + "|"]
+            for m in rows:
+                runs = results.get((m["name"], c), [])
+                out.append(f"| {m['label']} | " + " | ".join(_stat([_get(s, section, g, "pq") for s in runs])
+                                                          for g in groups) + " |")
+    return out
 
 
 def paired_differences(rows: list[dict], columns: list[str], results: dict, reference: str = "supervised") -> list[str]:

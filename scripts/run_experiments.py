@@ -8,7 +8,8 @@ the test split with configs/evaluate.yaml, and write markdown tables in the pape
 
 Each run lives in ``<bundle_root_base>/<task>/f<fraction>/<experiment>/seed<k>`` (its models/, eval/mlflow.db and
 eval/evaluation/). A run whose final training state ``models/checkpoint_epoch=<max_epochs>.pt`` exists is not
-trained again, and its evaluation is reused when ``eval/evaluation/summary.json`` exists (``--force`` redoes both).
+trained again, and its evaluation is reused when ``eval/evaluation/summary.json`` exists (``--force`` redoes both;
+``--reevaluate`` redoes the evaluation only, e.g. for metrics added since, and never trains).
 A method that does not train (zero-shot) is evaluated once (the first seed): it has nothing random to average.
 ``--task t1`` / ``t2`` without a task config trains on the embedded synthetic set. ``--jobs J`` runs J trainings at
 once (give each ``--threads 1``). An experiment config may name ``overlays`` (e.g. ``semi_supervised``: paper
@@ -75,6 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, help="OMP/torch threads of each run (OMP_NUM_THREADS)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
     p.add_argument("--force", action="store_true", help="train and evaluate again even when results exist")
+    p.add_argument("--reevaluate", action="store_true",
+                   help="evaluate finished runs again (e.g. for metrics added since) and never train; a run whose "
+                        "final state is missing is an error")
     p.add_argument("--dry_run", action="store_true", help="print the commands only")
     p.add_argument("--output", help="markdown table (default <bundle_root_base>/<set>.md); a .json and, with the "
                                     "sensitivity grid, a .png of the heatmaps are written beside it")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bundle.evaluation import load_checkpoint, subset, summarise
+from bundle.evaluation import item_nuclei_metrics, load_checkpoint, nuclei_split, subset, summarise, summary_metrics
 from bundle.guidance import points_to_guidance
 from bundle.metrics import STRATA, density_stratum, dice_iou
 from bundle.networks import PromptableSAM, ReferencePolicy
@@ -128,6 +128,73 @@ def test_summary_groups_list_exactly_what_is_present():
     assert "per_class" not in summarise(rows, "t1")
 
 
+# -- nuclei metrics ---------------------------------------------------------------------------------------------------
+def _disc(shape, centre, r):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= r * r
+
+
+def test_item_nuclei_metrics_split_the_prediction_and_match_by_hand():
+    """Two true nuclei; the prediction finds the first exactly, misses the second and adds a false one: by hand
+    TP 1, FP 1, FN 1, so DQ = 1 / (1 + 1/2 + 1/2) = 0.5, SQ = 1, PQ = 0.5, F1 = 0.5, counts 2 / 2."""
+    shape = (40, 60)
+    a, b, c = _disc(shape, (10, 10), 5), _disc(shape, (30, 30), 5), _disc(shape, (10, 50), 5)
+    true = np.zeros(shape, np.int32)
+    true[a], true[b] = 7, 300  # ids need not be sequential
+    pred = torch.from_numpy((a | c)[None].astype(np.float32))
+    m = item_nuclei_metrics(pred, torch.from_numpy(true[None]), {"threshold": 0.5, "min_distance": 3, "min_size": 8})
+    assert (m["tp"], m["fp"], m["fn"]) == (1, 1, 1)
+    assert (m["dq"], m["sq"], m["pq"], m["f1"]) == (pytest.approx(0.5), pytest.approx(1.0), pytest.approx(0.5),
+                                                    pytest.approx(0.5))
+    assert (m["true_count"], m["pred_count"], m["count_abs_error"]) == (2, 2, 0)
+    # AJI: C = |a|, U = |a| + |b| (unpaired true) + |c| (unused prediction)
+    assert m["aji"] == pytest.approx(a.sum() / (a.sum() + b.sum() + c.sum()))
+    # two touching discs in one predicted blob are split by the watershed into two nuclei: both found
+    touching = _disc(shape, (20, 20), 6) | _disc(shape, (20, 31), 6)
+    true2 = np.zeros(shape, np.int32)
+    true2[_disc(shape, (20, 20), 6)], true2[_disc(shape, (20, 31), 6) & ~_disc(shape, (20, 20), 6)] = 1, 2
+    m2 = item_nuclei_metrics(torch.from_numpy(touching[None]), true2[None], {"min_distance": 3})
+    assert (m2["tp"], m2["pred_count"]) == (2, 2)
+
+
+def test_nuclei_split_config():
+    assert nuclei_split(None) is None and nuclei_split({"enabled": False, "threshold": 0.5}) is None
+    assert nuclei_split({"enabled": True, "threshold": 0.4, "min_size": 2}) == {"threshold": 0.4, "min_size": 2}
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['min_dist'\].*min_distance"):
+        nuclei_split({"min_dist": 3})
+
+
+def test_evaluation_splits_nuclei_as_inference_does():
+    """configs/evaluate.yaml's watershed parameters are inference's: the metrics score what users get."""
+    from monai.bundle import ConfigParser
+
+    ev = ConfigParser.load_config_file(str(REPO / "configs" / "evaluate.yaml"))["nuclei"]
+    inf = ConfigParser.load_config_file(str(REPO / "configs" / "inference.yaml"))["nuclei"]
+    assert {k: ev[k] for k in ("threshold", "min_distance", "min_size")} == \
+        {k: inf[k] for k in ("threshold", "min_distance", "min_size")}
+
+
+def test_summary_nuclei_means_per_group_and_pooled_f1():
+    def row(cls, stratum, tp, fp, fn, pq):
+        return {"name": cls + stratum, "class_name": cls, "tissue": "", "stratum": stratum, "dice": 0.5, "iou": 0.3,
+                "pq": pq, "dq": pq, "sq": 1.0, "aji": pq, "f1": 2 * tp / (2 * tp + fp + fn), "tp": tp, "fp": fp,
+                "fn": fn, "true_count": tp + fn, "pred_count": tp + fp, "count_abs_error": abs(fp - fn),
+                "count_rel_error": abs(fp - fn) / (tp + fn)}
+    rows = [row("epithelial", "sparse", 1, 0, 1, 0.6), row("epithelial", "crowded", 9, 1, 0, 0.8),
+            row("spindle", "sparse", 0, 2, 2, 0.0)]
+    s = summarise(rows, "t2")
+    assert s["overall"]["pq"] == pytest.approx((0.6 + 0.8 + 0.0) / 3)
+    assert s["per_class"]["epithelial"]["pq"] == pytest.approx(0.7) and s["per_class"]["spindle"]["pq"] == 0.0
+    assert s["per_stratum"]["sparse"]["count_rel_error"] == pytest.approx((0.5 + 0.0) / 2)
+    # pooled: TP 10, FP 3, FN 3 -> 20 / 26, not the mean of the per-item F1
+    assert s["overall"]["nuclei_pooled"] == {"f1": pytest.approx(20 / 26), "precision": pytest.approx(10 / 13),
+                                             "recall": pytest.approx(10 / 13), "tp": 10, "fp": 3, "fn": 3}
+    metrics = summary_metrics(s)
+    assert metrics["test_pq"] == pytest.approx(s["overall"]["pq"]) and metrics["test_f1_pooled"] == pytest.approx(20 / 26)
+    assert metrics["test_pq/class/epithelial"] == pytest.approx(0.7)
+    assert metrics["test_aji/stratum/crowded"] == pytest.approx(0.8)
+
+
 def test_subset_keeps_all_classes_of_the_first_images():
     items = [{"name": n, "target_class": c} for n, c in (("a", 1), ("a", 2), ("b", 1), ("c", 3))]
     assert subset(items, 2) == items[:3]
@@ -221,6 +288,19 @@ def test_evaluate_config_end_to_end(tmp_path):
     # the oracle slot (best of the 3 masks) is never worse than the slot the IoU head picks
     assert all(float(r["oracle_dice"]) >= float(r["dice"]) - 1e-6 for r in rows)
     assert summary["overall"]["oracle_dice"] == pytest.approx(np.mean([float(r["oracle_dice"]) for r in rows]), abs=1e-5)
+    # nuclei metrics per item, against the instances of the item's class; per class and stratum in the summary
+    for r in rows:
+        assert 0 <= float(r["pq"]) <= 1 and 0 <= float(r["aji"]) <= 1 and 0 <= float(r["f1"]) <= 1
+        assert int(r["true_count"]) == int(r["tp"]) + int(r["fn"]) and int(r["pred_count"]) == int(r["tp"]) + int(r["fp"])
+    first = datalist["test"][0]
+    label = np.load(tmp_path / "data" / "synthetic" / first["label"])
+    for r in rows:
+        if r["name"] == first["name"]:  # the true count is the class's instances in the label file
+            c = int(r["target_class"])
+            assert int(r["true_count"]) == len(np.unique(label[0][(label[1] == c) & (label[0] > 0)]))
+    assert summary["overall"]["pq"] == pytest.approx(np.mean([float(r["pq"]) for r in rows]), abs=1e-5)
+    assert all("pq" in v and "aji" in v for v in summary["per_class"].values())
+    assert all("pq" in v for v in summary["per_stratum"].values())
 
     # the per-image Dice is the saved network's single-tensor forward on the evaluation input
     from monai.bundle import ConfigParser
@@ -250,6 +330,7 @@ def test_evaluate_config_end_to_end(tmp_path):
     assert run.info.run_id == summary["mlflow_run_id"] and run.info.status == "FINISHED"
     assert run.info.run_name.startswith("eval_t2_best_model_")
     assert run.data.metrics["test_dice"] == pytest.approx(summary["overall"]["dice"])
+    assert run.data.metrics["test_pq"] == pytest.approx(summary["overall"]["pq"])
     assert run.data.metrics["sensitivity_max_dice"] == pytest.approx(grid.max(), abs=1e-4)
     assert run.data.params["checkpoint"] == str(tmp_path / "models" / "best_model.pt")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -44,6 +44,44 @@ def test_table_reports_mean_and_sample_sd_over_seeds_and_per_class_cells():
     assert "| Supervised | 0.300 ± 0.141 |" in text and "| Zero-shot | 0.050 |" in text
 
 
+def _nuclei_summary(pq, f1_pooled, per_class):
+    overall = {"dice": 0.5, "iou": 0.3, "pq": pq, "dq": pq + 0.1, "sq": 0.8, "aji": pq - 0.1, "f1": pq + 0.2,
+               "count_rel_error": 0.25, "nuclei_pooled": {"f1": f1_pooled}}
+    return {"overall": overall, "per_class": {k: {"dice": 0.5, "pq": v} for k, v in per_class.items()},
+            "per_stratum": {"sparse": {"dice": 0.4, "pq": pq}}}
+
+
+def test_table_reports_nuclei_metrics_per_method_class_and_stratum():
+    rows = [{"name": "sup", "label": "Supervised"}, {"name": "dis", "label": "SAMPO"}]
+    results = {("sup", "T2"): [_nuclei_summary(0.3, 0.5, {"a": 0.2}), _nuclei_summary(0.5, 0.7, {"a": 0.4})],
+               ("dis", "T2"): [_nuclei_summary(0.6, 0.8, {"a": 0.6})]}
+    text = rx.table(rows, ["T2"], results, "t", [])
+    block = text[text.index("Nuclei, T2"):]
+    assert "| Method | PQ | DQ | SQ | AJI | F1 | count rel. error | F1 pooled |" in block
+    # PQ 0.4 ± 0.141, DQ 0.5 ± 0.141, SQ 0.8 ± 0, AJI 0.3 ± 0.141, F1 0.6 ± 0.141, count 0.25 ± 0, pooled 0.6 ± 0.141
+    assert ("| Supervised | 0.400 ± 0.141 | 0.500 ± 0.141 | 0.800 ± 0.000 | 0.300 ± 0.141 | 0.600 ± 0.141 | "
+            "0.250 ± 0.000 | 0.600 ± 0.141 |") in block
+    assert "| SAMPO | 0.600 | 0.700 | 0.800 | 0.500 | 0.800 | 0.250 | 0.800 |" in block
+    assert "PQ per class, T2:" in block and "| Supervised | 0.300 ± 0.141 |" in block and "| SAMPO | 0.600 |" in block
+    assert "PQ per density stratum, T2:" in block
+    # summaries without nuclei metrics (the organ task, older evaluations): no nuclei section
+    assert "Nuclei" not in rx.table(rows, ["T2"], {("sup", "T2"): [_summary(0.5)]}, "t", [])
+
+
+def test_reevaluate_evaluates_finished_runs_and_never_trains(tmp_path):
+    base = [sys.executable, str(SCRIPT), "--set", "main", "--configs", "supervised", "--task", "t1",
+            "--bundle_root_base", str(tmp_path), "--model_size", "tiny", "--max_epochs", "1"]
+    dry = subprocess.run(base + ["--reevaluate", "--dry_run"], capture_output=True, text=True, timeout=60,
+                         encoding="utf-8")
+    assert dry.returncode == 0, dry.stderr
+    lines = [ln for ln in dry.stdout.splitlines() if ln.startswith("$ ")]
+    assert len(lines) == 1 and "run evaluating" in lines[0] and "checkpoint_epoch=1.pt" in lines[0]
+    # for real, a run that was never trained is refused, naming its final state, and nothing is trained
+    real = subprocess.run(base + ["--reevaluate"], capture_output=True, text=True, timeout=120, encoding="utf-8")
+    assert real.returncode != 0 and "checkpoint_epoch=1.pt: --reevaluate evaluates finished runs only" in real.stderr
+    assert not list(tmp_path.rglob("*.pt"))
+
+
 def test_validation_dice_is_the_last_epoch_logged(tmp_path):
     """A real MLflow store (what a training run writes), read through MLflow's client: the last validated epoch wins,
     not the last written row; an evaluation run in the same store (no val_mean_dice) is ignored."""

@@ -1,4 +1,5 @@
-"""Evaluator handler: one row per item (Dice, IoU, class, tissue, number of nuclei, density stratum), then
+"""Evaluator handler: one row per item (Dice, IoU, class, tissue, number of nuclei, density stratum; for nuclei
+tasks PQ / DQ / SQ, AJI, detection F1 and the count error, :func:`bundle.evaluation.item_nuclei_metrics`), then
 ``results.csv``, ``summary.json`` (:func:`bundle.evaluation.summarise`), optionally the prompt-sensitivity grid
 (:mod:`bundle.sensitivity`), and one MLflow run with all of it."""
 
@@ -12,7 +13,7 @@ from typing import Any, Sequence
 import torch
 from ignite.engine import Engine, Events
 
-from bundle.evaluation import slot_dice, summarise, summary_metrics, write_rows
+from bundle.evaluation import item_nuclei_metrics, nuclei_split, slot_dice, summarise, summary_metrics, write_rows
 from bundle.io import save_json
 from bundle.metrics import density_stratum, dice_iou
 
@@ -41,6 +42,9 @@ class EvaluationReport:
             pass per item).
         tracking_uri, experiment_name, run_name: where the MLflow run goes; no tracking when ``tracking_uri`` is
             empty.
+        nuclei: ``{"enabled", "threshold", "min_distance", "min_size"}``: split each predicted mask into nuclei
+            (inference's watershed) and score them against the item's ``target_inst``; None or ``enabled: false``
+            turns them off. Items without ``target_inst`` get none.
         params: parameters logged with the run (checkpoint, task, prompts, ...).
         artifacts: further files logged with the run when they exist (e.g. the executed config).
     """
@@ -58,8 +62,10 @@ class EvaluationReport:
         run_name: str | None = None,
         params: dict | None = None,
         artifacts: Sequence[str] = (),
+        nuclei: dict | None = None,
     ) -> None:
         self.artifacts = list(artifacts)
+        self.nuclei = nuclei_split(nuclei)
         self.output_dir, self.task, self.in_channels = output_dir, task, in_channels
         self.classes = {int(k): v for k, v in (classes or {}).items()}
         self.sensitivity, self.oracle_slot = sensitivity, oracle_slot
@@ -103,6 +109,8 @@ class EvaluationReport:
                 "pred_fraction": float(torch.as_tensor(out["pred"]).float().mean()),
                 "target_fraction": float(torch.as_tensor(out["label"]).float().mean()),
             }
+            if self.nuclei is not None and item.get("target_inst") is not None:
+                row.update(item_nuclei_metrics(out["pred"], item["target_inst"], self.nuclei))
             self.rows.append(row)
             if self.sensitivity is not None:
                 image = torch.as_tensor(item["image"])[: self.in_channels]
@@ -155,9 +163,15 @@ def _print_summary(summary: dict, output_dir: str, run: str | None, uri: str | N
                  + (f"  (oracle slot Dice {o['oracle_dice']:.4f})" if "oracle_dice" in o else "")
                  + (f"  (predicted share {o['pred_fraction']:.3f}, target share {o['target_fraction']:.3f})"
                     if "pred_fraction" in o else "")]
+    if "pq" in o:
+        lines.append(f"  nuclei: PQ {o['pq']:.4f} (DQ {o['dq']:.4f}, SQ {o['sq']:.4f})  AJI {o['aji']:.4f}  "
+                     f"F1 {o['f1']:.4f} (pooled {o['nuclei_pooled']['f1']:.4f})  count error {o['count_rel_error']:.3f} "
+                     f"({o['pred_count']:.1f} predicted / {o['true_count']:.1f} true per item)")
     for section in ("per_class", "per_tissue", "per_stratum"):
         for name, v in summary.get(section, {}).items():
-            lines.append(f"  {section[4:]:>7} {name:<14} Dice {v['dice']:.4f}  IoU {v['iou']:.4f}  (n={v['n']})")
+            lines.append(f"  {section[4:]:>7} {name:<14} Dice {v['dice']:.4f}  IoU {v['iou']:.4f}"
+                         + (f"  PQ {v['pq']:.4f}  AJI {v['aji']:.4f}  F1 {v['f1']:.4f}" if "pq" in v else "")
+                         + f"  (n={v['n']})")
     if "sensitivity" in summary:
         s = summary["sensitivity"]
         lines.append(f"  prompt sensitivity: Dice {s['min_dice']:.4f} .. {s['max_dice']:.4f} over the grid "
