@@ -1,5 +1,6 @@
 """Evaluation on whole fields larger than the network's input (issue 22): CoNSeP's 1000 x 1000 test fields
-recovered from the shared 256 px tiles, three ways to segment them, two click placements, Dice and nuclei metrics.
+recovered from the shared 256 px tiles, or fields of the embedded generator of any size (:func:`synthetic_fields`),
+three ways to segment them, two click placements, Dice and nuclei metrics.
 
 * **Recovering a field** (:func:`recover_field`): which tiles neighbour which is measured from the pixels across
   their edges, not assumed (the shared data's README says 4 x 4 tiles overlapping by 8 px; the pixels say the
@@ -29,6 +30,7 @@ from monai.data import MetaTensor
 from scipy import ndimage
 
 from bundle.data.readers import read_image, read_label
+from bundle.data.synthetic import generate_field
 from bundle.inference import PromptImaged
 from bundle.metrics import dice
 from bundle.nuclei import split_instances
@@ -113,6 +115,20 @@ def recover_field(images_dir: Path, labels_dir: Path, stem: str) -> tuple[np.nda
     return image, lookup[merged]
 
 
+def synthetic_fields(n: int, size: int = 1024, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``n`` fields of ``size`` px from the embedded generator (:func:`bundle.data.synthetic.generate_field`: a
+    tile's density of nuclei over the whole field), as ``{"synthetic_<k>": (RGB image, instance map)}``; field k is
+    drawn from ``seed + k``, so a field does not depend on how many are asked for."""
+    if size < 2:
+        raise ValueError(f"synthetic fields: size {size} px; expected at least 2")
+    fields = {}
+    for k in range(n):
+        image, instances, _ = generate_field(np.random.default_rng(seed + k), size)
+        fields[f"synthetic_{k}"] = (image, instances)
+        logger.info("synthetic field %d / %d: %d px, %d nuclei", k + 1, n, size, int(instances.max()))
+    return fields
+
+
 def field_clicks(instances: np.ndarray, placement: str, seed: int, size: int, n: int = 3) -> dict:
     """3+/3- clicks (module docstring) as the served ``{"foreground", "background"}`` (x, y) dict."""
     rng = np.random.default_rng(seed)
@@ -170,3 +186,22 @@ def evaluate_fields(network, fields: dict, image_size: int, seeds=(0,), methods=
                     logger.info("%s %s seed %d %s: Dice %.3f PQ %.3f (%.1f s)", stem, placement, seed, method,
                                 rows[-1]["dice"], m["pq"], seconds)
     return rows
+
+
+def field_table(rows: list[dict]) -> str:
+    """Markdown: per placement and method the mean over fields and seeds of Dice (± sd), PQ, AJI, F1 at IoU 0.5, the
+    count error (mean |predicted - true| of mean true nuclei), the predicted fraction and the seconds per field."""
+    head = ["| placement | method | Dice | PQ | AJI | F1@0.5 | count error | predicted fraction | s / field |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for placement in PLACEMENTS:
+        for method in METHODS:
+            sel = [r for r in rows if r["placement"] == placement and r["method"] == method]
+            if not sel:
+                continue
+            mean = {k: float(np.mean([r[k] for r in sel])) for k in ("dice", "pq", "aji", "f1", "count_abs_error",
+                                                                     "true_count", "pred_fraction", "seconds")}
+            sd = float(np.std([r["dice"] for r in sel], ddof=1)) if len(sel) > 1 else 0.0
+            head.append(f"| {placement} | {method} | {mean['dice']:.3f} ± {sd:.3f} | {mean['pq']:.3f} | "
+                        f"{mean['aji']:.3f} | {mean['f1']:.3f} | {mean['count_abs_error']:.0f} of "
+                        f"{mean['true_count']:.0f} | {mean['pred_fraction']:.3f} | {mean['seconds']:.2f} |")
+    return "\n".join(head) + "\n"

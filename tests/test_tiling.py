@@ -218,3 +218,31 @@ def test_whole_consep_fields_are_recovered_from_tiles_that_abut_and_a_wrong_grid
         shutil.copy(root / "Images" / f"test_2_{src:03d}.png", shuffled / f"test_2_{k:03d}.png")
     with pytest.raises(ValueError, match="test_2"):
         recover_field(shuffled, root / "Labels", "test_2")
+
+
+def test_synthetic_fields_keep_a_tiles_density_and_are_evaluated_by_every_method(tmp_path):
+    """Fields of the embedded generator larger than the model's input: the tile's nuclei density over the whole
+    field, field k the same however many are drawn, and the whole-field evaluation runs every method on them and
+    writes its table through the script."""
+    from bundle.data.synthetic import generate_tile
+    from bundle.whole_field import METHODS, evaluate_fields, field_table, synthetic_fields
+
+    fields = synthetic_fields(2, 512, seed=3)
+    (image, inst), (image1, _) = fields["synthetic_0"], fields["synthetic_1"]
+    assert image.shape == (512, 512, 3) and image.dtype == np.uint8 and inst.shape == (512, 512)
+    assert not np.array_equal(image, image1)
+    assert np.array_equal(synthetic_fields(1, 512, seed=3)["synthetic_0"][0], image)
+    tiles = [generate_tile(np.random.default_rng(s))[1] for s in range(8)]
+    tile_density = np.mean([t.max() / 256 ** 2 for t in tiles])
+    assert 0.5 < (inst.max() / 512 ** 2) / tile_density < 2, (inst.max(), tile_density)
+    # a 160 x 200 crop (3 x 4 tiles of the tiny model's 64 px) whose top-left 64 px hold 3 nuclei for the corner clicks
+    y, x = next((y, x) for y in range(0, 352, 16) for x in range(0, 312, 16)
+                if len(np.unique(inst[y:y + 64, x:x + 64])) > 3)
+    crop = inst[y:y + 160, x:x + 200]
+    rows = evaluate_fields(tiny_net(), {"s": (image[y:y + 160, x:x + 200], crop)}, 64, seeds=(0,))
+    assert {(r["placement"], r["method"]) for r in rows} == {(p, m) for p in ("spread", "corner") for m in METHODS}
+    assert all(0 <= r["dice"] <= 1 and r["true_count"] == len(np.unique(crop)) - 1 for r in rows)
+    table = field_table(rows)
+    assert table.count("\n") == 2 + 6 and "| corner | propagate |" in table
+    with pytest.raises(ValueError, match="size 1 px"):
+        synthetic_fields(1, 1)

@@ -45,8 +45,9 @@ def _ellipse(shape, cy, cx, a, b, angle):
     return u * u + v * v <= 1.0
 
 
-def generate_tile(rng: np.random.Generator, size: int = 256):
-    """One tile: RGB uint8 (size, size, 3), instance map and type map (int32, 0 background)."""
+def generate_tile(rng: np.random.Generator, size: int = 256, n_nuclei: tuple[int, int] = (12, 60)):
+    """One tile: RGB uint8 (size, size, 3), instance map and type map (int32, 0 background); between
+    ``n_nuclei[0]`` and ``n_nuclei[1]`` nuclei are drawn (fewer are placed where they would overlap)."""
     smooth = lambda sigma: ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma)  # noqa: E731
     stroma = 1.0 + 0.6 * smooth(6) / 0.05 * 0.05 + 0.4 * smooth(1.5)
     image = BACKGROUND[None, None] * (1 - 0.08 * np.clip(stroma, -2, 2)[..., None])
@@ -57,7 +58,7 @@ def generate_tile(rng: np.random.Generator, size: int = 256):
     inst = np.zeros((size, size), np.int32)
     types = np.zeros((size, size), np.int32)
     mix = rng.dirichlet(np.full(4, 0.7))
-    n_nuclei = int(rng.integers(12, 60))
+    n_nuclei = int(rng.integers(*n_nuclei))
     next_id = 1
     for t in rng.choice([1, 2, 3, 4], size=n_nuclei, p=mix):
         (a_lo, a_hi), (b_lo, b_hi), stain, (d_lo, d_hi), texture = NUCLEUS_TYPES[int(t)]
@@ -75,6 +76,14 @@ def generate_tile(rng: np.random.Generator, size: int = 256):
         image[region] = image[region] * (1 - darkness[:, None]) + np.asarray(stain, float) * darkness[:, None]
     image = ndimage.gaussian_filter(image, sigma=(0.7, 0.7, 0)) + rng.normal(0, 4, image.shape)
     return np.clip(image, 0, 255).astype(np.uint8), inst, types
+
+
+def generate_field(rng: np.random.Generator, size: int = 1024):
+    """A field larger than a tile (issue 22's whole-field evaluation) with a tile's density of nuclei: the tile's
+    12-60 nuclei per 256 x 256 px scaled by the area, ``n ~ U[12, 60) * (size / 256)^2``. Same outputs as
+    :func:`generate_tile`."""
+    scale = (size / 256) ** 2
+    return generate_tile(rng, size, (max(1, round(12 * scale)), max(2, round(60 * scale))))
 
 
 def make_dataset(out_dir: str, n_train: int = 48, n_val: int = 12, n_test: int = 12, size: int = 256, seed: int = 0):
