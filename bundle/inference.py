@@ -49,6 +49,7 @@ from monai.inferers import Inferer
 from monai.transforms import MapTransform
 
 from bundle.clicks import PromptInputError, clicks_of_request, slice_of_request
+from bundle.data.readers import to_uint8
 from bundle.guidance import click_channels
 from bundle.tiling import Tiling
 from bundle.image_meta import IMAGE_SUFFIXES, META_KIND, META_SLICE, VOLUME_SUFFIXES, image_meta, source_name  # noqa: F401
@@ -68,10 +69,12 @@ def _is_volume_file(name: str) -> bool:
     return name.lower().endswith(VOLUME_SUFFIXES) or os.path.isdir(name)
 
 
-def _scale_to_unit(image: np.ndarray) -> np.ndarray:
-    """Photo intensities -> [0, 1]: integer types by their range, floats above 1 as 8-bit."""
-    if np.issubdtype(image.dtype, np.integer):
-        return image.astype(np.float32) / float(np.iinfo(image.dtype).max)
+def _scale_to_unit(image: np.ndarray, name: str) -> np.ndarray:
+    """Photo intensities -> [0, 1] as training saw them: integers (8- or 16-bit) and floats above 255 through the
+    importer's rule (:func:`bundle.data.readers.to_uint8`: within 0..255 as they are, else linearly from
+    min(0, minimum)..maximum to 0..255, logged), then / 255; floats within [0, 1] as they are, floats up to 255 as 8-bit."""
+    if np.issubdtype(image.dtype, np.integer) or image.max(initial=0) > 255:
+        return to_uint8(image, name).astype(np.float32) / 255.0
     image = image.astype(np.float32)
     return image / 255.0 if image.max(initial=0.0) > 1.0 else image
 
@@ -118,7 +121,7 @@ class PromptImaged(MapTransform):
             img = img[:3]
         elif c not in (1, 3):
             raise PromptInputError(f"{name}: a 2D image needs 1, 3 or 4 channels, got {c}")
-        unit = apply_window(img, self.window) if _is_volume_file(name) else _scale_to_unit(img)  # a 2D CT slice file
+        unit = apply_window(img, self.window) if _is_volume_file(name) else _scale_to_unit(img, name)  # a 2D CT slice file
         unit = np.transpose(unit, (0, 2, 1))  # (C, X, Y) -> (C, H, W): rows are y
         return np.repeat(unit, 3, axis=0) if unit.shape[0] == 1 else unit
 

@@ -303,3 +303,35 @@ def test_exported_configs_still_name_the_mask_transforms_in_bundle_inference():
     assert bundle.inference.mask_path is bundle.masks.mask_path
     with pytest.raises(AttributeError, match="no attribute 'PromptMask'"):
         bundle.inference.PromptMask  # noqa: B018
+
+
+@pytest.mark.parametrize("kind", ["grey16", "grey16_low", "rgba", "grey8"])
+def test_16_bit_rgba_and_grey_images_reach_the_network_as_the_importer_converts_them(tmp_path, kind):
+    """The served input of a 16-bit, RGBA or grey PNG (loaded as configs/inference.yaml loads it) is the importer's
+    RGB uint8 (bundle.data.readers.read_image, what training data goes through) / 255: a 16-bit field is stretched
+    from 0..its maximum, not divided by 65535 (a 12-bit scan would be near black); alpha is dropped."""
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+
+    from bundle.data.readers import read_image
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / f"{kind}.png"
+    if kind == "grey16":
+        Image.fromarray(rng.integers(200, 4096, (40, 60)).astype(np.uint16)).save(path)
+    elif kind == "grey16_low":  # 16-bit file whose values fit 8 bits: as they are
+        Image.fromarray(rng.integers(0, 200, (40, 60)).astype(np.uint16)).save(path)
+    elif kind == "rgba":
+        Image.fromarray(rng.integers(0, 256, (40, 60, 4)).astype(np.uint8), "RGBA").save(path)
+    else:
+        Image.fromarray(rng.integers(0, 256, (40, 60)).astype(np.uint8), "L").save(path)
+    load = Compose([LoadImaged("image", image_only=True, dtype=None), EnsureChannelFirstd("image")])
+    d = load({"image": str(path)})
+    prep = PromptImaged(image_size=64, tiling={"mode": "propagate", "tile_size": 64, "overlap": 16})
+    x = prep({**d, "clicks": {"foreground": [[5, 5]], "background": []}})["image"]
+    expected = read_image(path).transpose(2, 0, 1).astype(np.float32) / 255.0
+    assert x.shape == (5, 40, 60)
+    np.testing.assert_allclose(np.asarray(x[:3]), expected, atol=1e-6)
+    if kind == "grey16":  # stretched from 0 to the field's maximum, not / 65535
+        raw = np.asarray(Image.open(path), dtype=np.float64)
+        assert float(x[:3].max()) == pytest.approx(1.0)
+        assert float(x[:3].min()) == pytest.approx(np.round(raw.min() * 255 / raw.max()) / 255, abs=1e-6)

@@ -3,7 +3,8 @@
 - Images (``IMAGE_EXTS``): PNG / JPEG / BMP (PIL), TIFF (tifffile), ``.npy``; (H, W), (H, W, C) or (C, H, W) with
   C in 1..4. Result: uint8 (H, W, 3). Grey (1 channel, or grey + alpha) is repeated to RGB, RGBA loses alpha (both
   logged). Values: uint8 as they are; integers within 0..255 cast; floats within [0, 1] times 255; anything else
-  (16-bit microscopy) scaled linearly from the image's own min..max to 0..255, logged. NaN / inf: an error.
+  (16-bit microscopy) scaled linearly from min(0, the image's minimum)..its maximum to 0..255, logged (the black
+  level stays: a field of values 200..4095 maps to 12..255). NaN / inf: an error.
 - Labels (``LABEL_EXTS``) -> :class:`LabelFile`: the raw instance map (H, W) int64 (0 background, any positive
   ids), plus what the file says about classes:
   * PNG / TIFF / ``.npy``: one channel (an RGB label with three equal channels is read as one); palette PNGs give
