@@ -136,6 +136,33 @@ def test_clicks_give_a_mask_equal_to_the_bundle_run(server, tmp_path):
     assert np.array_equal(mine > 0, label > 0)
 
 
+def test_infer_result_carries_the_nuclei_count_and_instances_of_the_bundle_run(server, tmp_path):
+    """output=json: the result holds the count, the nuclei table and the instances as MONAI Label's viewers take
+    annotations (``annotation.elements[].contours``), the same nuclei as the bundle's own inference writes."""
+    import csv
+
+    from monai.bundle import run
+
+    clicks = {"foreground": [[10, 20], [50, 30]], "background": [[5, 5]]}
+    r = infer(server, clicks, output="json")
+    assert r.status_code == 200, r.text
+    result = r.json()
+    assert result["n_nuclei"] == len(result["nuclei"]) and result["class_name"]
+    assert result["annotation"]["size"] == [64, 48]
+    contours = [c for e in result["annotation"]["elements"] for c in e["contours"]]
+    assert len(contours) == result["n_nuclei"] and all(0 <= x < 64 and 0 <= y < 48 for c in contours for x, y in c)
+    (tmp_path / "c.json").write_text(json.dumps(clicks), encoding="utf-8")
+    shutil.copy(server["studies"] / "img0.png", tmp_path / "img0.png")
+    run("run", config_file=str(server["model_dir"] / "configs" / "inference.yaml"),
+        bundle_root=str(server["model_dir"]), device="$torch.device('cpu')",
+        input_image=str(tmp_path / "img0.png"), clicks=str(tmp_path / "c.json"))
+    with open(tmp_path / "img0_nuclei.csv", encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == result["n_nuclei"]
+    assert result["n_nuclei"] > 0  # 3 with this seed: the comparison is not of two empty lists
+    assert sorted(float(r["area"]) for r in rows) == sorted(float(n["area"]) for n in result["nuclei"])
+
+
 def test_clicks_give_sam_predictors_mask(server, tmp_path):
     """METHOD.md "Tokens": the served mask is what segment_anything.SamPredictor gives on the same weights and clicks
     (a square image at the model's size, so no resizing comes between)."""
