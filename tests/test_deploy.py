@@ -89,14 +89,19 @@ print(json.dumps(list(net(torch.zeros(2, 5, {SIZE}, {SIZE})).shape)))
     assert json.loads(r.stdout.strip().splitlines()[-1]) == [2, 1, SIZE, SIZE]
 
 
-def test_nifti_app_gives_the_bundle_mask(model_dir, tmp_path):
+@pytest.mark.parametrize("shape, clicks", [
+    ((40, 32, 6), {"foreground": [[12, 10], [20, 15]], "background": [[3, 3]]}),  # a slice smaller than the tile
+    # a slice of 150 x 100 px: 3 x 2 tiles of the model's 64 px at native resolution, a click in the last tile
+    ((150, 100, 6), {"foreground": [[12, 10], [140, 90]], "background": [[70, 50]]}),
+], ids=["small", "larger_than_a_tile"])
+def test_nifti_app_gives_the_bundle_mask(model_dir, tmp_path, shape, clicks):
     py = deploy_python()
     in_dir = tmp_path / "input"
     in_dir.mkdir()
-    hu = np.random.default_rng(3).normal(0, 300, (40, 32, 6)).astype(np.int16)
+    hu = np.random.default_rng(3).normal(0, 300, shape).astype(np.int16)
     affine = np.diag([-0.8, -0.8, 2.5, 1.0])
     nib.save(nib.Nifti1Image(hu, affine), in_dir / "ct.nii.gz")
-    clicks = {"foreground": [[12, 10], [20, 15]], "background": [[3, 3]], "slice_index": 3}
+    clicks = {**clicks, "slice_index": 3}
     (in_dir / "clicks.json").write_text(json.dumps(clicks), encoding="utf-8")
     run_app(py, "file", in_dir, tmp_path / "output", model_dir / "models" / "model.ts")
     deployed = nib.load(tmp_path / "output" / "ct_seg.nii.gz")
