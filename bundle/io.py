@@ -155,3 +155,13 @@ def save_nifti_mask(mask: np.ndarray, path: str | os.PathLike, reference: str | 
     with atomic_write(path, "wb") as f:
         f.write(gzip.compress(data) if os.fspath(path).endswith(".gz") else data)
     return os.fspath(path)
+
+
+def write_section(path: str, title: str, text: str) -> None:
+    """Put ``text`` under the heading ``title`` of the markdown file ``path`` (replaced up to the next ``## `` heading,
+    or appended), leaving the rest of the file as it was; written atomically (the benchmarks' docs/benchmarks.md)."""
+    old = open(path, encoding="utf-8").read() if os.path.isfile(path) else "# Benchmarks\n"
+    head, found, rest = old.partition(title + "\n")
+    tail = rest[rest.find("\n## ") + 1:] if found and "\n## " in rest else ""
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(head.rstrip("\n") + "\n\n" + title + "\n\n" + text + "\n" + ("\n" + tail if tail else ""))

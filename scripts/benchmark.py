@@ -38,6 +38,8 @@ import subprocess
 import sys
 import time
 
+from bundle.io import write_section  # noqa: E402  (the installed package)
+
 OPTIONS = ("fp32", "amp", "checkpointing")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,7 +48,6 @@ def measure(size: str, batch: int, n_sets: int, repeats: int, image_size: int, o
             correction_rounds: int = 0, loss_size: int | None = None, option: str = "fp32") -> dict:
     import torch
 
-    sys.path.insert(0, REPO)
     from bundle.engines import SAMPOTrainer
     from bundle.guidance import points_to_guidance
     from bundle.networks import PromptableSAM
@@ -134,7 +135,6 @@ def measure_clicks(size: str, repeats: int, image_size: int) -> dict:
     """Median first-click (encode + decode) and warm-click (decode only) latency of :class:`SAMPOPredictor`."""
     import torch
 
-    sys.path.insert(0, REPO)
     from bundle.networks import PromptableSAM
     from bundle.predictor import SAMPOPredictor
 
@@ -168,7 +168,6 @@ def measure_compare(size: str, batch: int, n_sets: int, repeats: int, image_size
     import torch
     import torch.nn.functional as F
 
-    sys.path.insert(0, REPO)
     from bundle.engines import SAMPOTrainer
     from bundle.networks import PromptableSAM
     from bundle.networks.decoding import best_slot, upsample
@@ -304,19 +303,6 @@ def clicks_section() -> str:
     return f"## Click latency (embedding cache), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
 
 
-def write_section(path: str, title: str, text: str) -> None:
-    """Put ``text`` under the heading ``title`` of the markdown file ``path`` (replaced up to the next ``## `` heading,
-    or appended), leaving the rest of the file as it was."""
-    sys.path.insert(0, REPO)
-    from bundle.io import atomic_write
-
-    old = open(path, encoding="utf-8").read() if os.path.isfile(path) else "# Benchmarks\n"
-    head, found, rest = old.partition(title + "\n")
-    tail = rest[rest.find("\n## ") + 1:] if found and "\n## " in rest else ""
-    with atomic_write(path, "w") as f:
-        f.write(head.rstrip("\n") + "\n\n" + title + "\n\n" + text + "\n" + ("\n" + tail if tail else ""))
-
-
 def clicks_table(args, rows, load_before: float) -> list[str]:
     import torch
 
@@ -372,7 +358,6 @@ def measure_field(size: str, side: int, image_size: int) -> dict:
 
     import torch
 
-    sys.path.insert(0, REPO)
     from bundle.guidance import click_channels
     from bundle.networks import PromptableSAM
     from bundle.tiling import Tiling, tiled_forward

@@ -245,8 +245,7 @@ def main(argv=None) -> int:
     text = docs_text(args, numbers, model, encodes)
     print(text)
     if args.write_docs:
-        sys.path.insert(0, str(REPO / "scripts"))
-        from benchmark import write_section
+        from bundle.io import write_section
 
         write_section(str(REPO / "docs" / "benchmarks.md"), SECTION, text)
     return 1 if numbers["failures"] else 0

@@ -6,7 +6,6 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bundle.checkpoints import BaseModel, TrainedWeights  # noqa: E402

@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle package beside this script
 
 import monai.deploy.core as md  # noqa: E402
 import monai.deploy.operators.monai_bundle_inference_operator as mbio  # noqa: E402

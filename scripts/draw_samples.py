@@ -11,11 +11,9 @@ bundle.transforms.prompts.PromptSetsd from configs/train.yaml + the overlay, wit
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from anywhere: the bundle package is beside
 
 import matplotlib  # noqa: E402
 

@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from anywhere: the bundle package is beside
 
 from bundle.checkpoints import load_network, recorded_architecture  # noqa: E402
 from bundle.export import export_bundle  # noqa: E402

@@ -2,10 +2,7 @@
 """Prepare CoNSeP for training: python scripts/prepare_consep.py --input CoNSeP --output data/consep (docs/data.md)."""
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the bundle package is beside
 
 from bundle.data.consep import SOURCE_PATTERN, prepare_consep  # noqa: E402
 

@@ -4,10 +4,7 @@ python scripts/prepare_folder.py --images DIR --labels DIR --output data/externa
 
 import argparse
 import logging
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the bundle package is beside
 
 from bundle.data.folder import LABEL_SUFFIXES, SCHEMES, prepare_folder  # noqa: E402
 

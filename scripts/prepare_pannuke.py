@@ -5,10 +5,7 @@ Default protocol: fold 1 training, fold 2 validation, fold 3 test.
 """
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the bundle package is beside
 
 from bundle.data.pannuke import find_fold_dirs, prepare_pannuke  # noqa: E402
 

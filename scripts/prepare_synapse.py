@@ -5,10 +5,7 @@
 """
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the bundle package is beside
 
 from bundle.data.synapse import LABEL_MAPPINGS, ORGANS, prepare_synapse  # noqa: E402
 

@@ -32,7 +32,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bundle.experiments import (  # noqa: E402,F401  (the library; final_epoch ... are its names, re-exported)
     REPO,
     SETS,

@@ -13,9 +13,7 @@ bundle/whole_field.py; this script is argument parsing and a JSON file.
 import argparse
 import logging
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bundle.checkpoints import load_network  # noqa: E402
 from bundle.io import atomic_write, save_json  # noqa: E402
