@@ -33,7 +33,8 @@ from monai.transforms import MapTransform, SaveImaged
 from bundle.image_meta import META_KIND, image_meta, source_name
 from bundle.io import atomic_write, save_png
 from bundle.masks import mask_path
-from bundle.nuclei import instance_polygons, nuclei_table, split_instances, to_geojson, write_geojson, write_nuclei_csv
+from bundle.nuclei import nuclei_table, split_instances, write_nuclei_csv
+from bundle.qupath import instance_polygons, to_geojson, write_geojson
 
 logger = logging.getLogger(__name__)
 

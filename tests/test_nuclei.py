@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from bundle import nuclei
+from bundle import nuclei, qupath
 
 
 def _disc(shape: tuple[int, int], cy: float, cx: float, r: float) -> np.ndarray:
@@ -20,8 +20,8 @@ def _disc(shape: tuple[int, int], cy: float, cx: float, r: float) -> np.ndarray:
 
 
 def _round_trip(inst: np.ndarray) -> dict:
-    collection = nuclei.to_geojson(inst)
-    back = nuclei.rasterise_geojson(json.loads(json.dumps(collection)), inst.shape)
+    collection = qupath.to_geojson(inst)
+    back = qupath.rasterise_geojson(json.loads(json.dumps(collection)), inst.shape)
     np.testing.assert_array_equal(back, inst)
     for feature in collection["features"]:
         geometry = feature["geometry"]
@@ -51,8 +51,8 @@ def test_empty_map_gives_no_instances_no_rows_no_features(tmp_path):
     inst = nuclei.split_instances(np.zeros((16, 20), np.float32))
     assert inst.shape == (16, 20) and not inst.any()
     assert nuclei.nuclei_table(inst) == [] and nuclei.counts(inst)["n_nuclei"] == 0
-    assert nuclei.instance_polygons(inst) == {}
-    assert nuclei.to_geojson(inst) == {"type": "FeatureCollection", "features": []}
+    assert qupath.instance_polygons(inst) == {}
+    assert qupath.to_geojson(inst) == {"type": "FeatureCollection", "features": []}
     path = nuclei.write_nuclei_csv([], tmp_path / "empty.csv")
     assert open(path, encoding="utf-8").read().strip() == ",".join(nuclei.CSV_FIELDS)
 
@@ -106,18 +106,18 @@ def test_geojson_is_qupath_detections_and_json_serialisable(tmp_path):
     inst[7, 0] = inst[8, 1] = 2  # two corner-touching pixels: a MultiPolygon
     table = nuclei.nuclei_table(inst, inst > 0)
     collection = _round_trip(inst)
-    collection = nuclei.to_geojson(inst, table, class_name="Lymphocyte", color=(0, 128, 255))
+    collection = qupath.to_geojson(inst, table, class_name="Lymphocyte", color=(0, 128, 255))
     first, second = collection["features"]
     assert first["id"] == str(uuid.UUID(first["id"])) and first["id"] != second["id"]
-    assert first["id"] == nuclei.to_geojson(inst)["features"][0]["id"]  # deterministic
+    assert first["id"] == qupath.to_geojson(inst)["features"][0]["id"]  # deterministic
     assert first["geometry"] == {"type": "Polygon", "coordinates": [[[3, 2], [6, 2], [6, 5], [3, 5], [3, 2]]]}
     assert second["geometry"]["type"] == "MultiPolygon" and len(second["geometry"]["coordinates"]) == 2
     assert first["properties"] == {"objectType": "detection",
                                    "classification": {"name": "Lymphocyte", "color": [0, 128, 255]},
                                    "measurements": {"area": 9, "mean_prob": 1.0}, "nucleus_id": 1}
-    assert nuclei.to_geojson(inst)["features"][1]["properties"]["measurements"] == {"area": 2}
-    assert nuclei.to_geojson(inst)["features"][1]["properties"]["classification"]["name"] == "Nucleus"
-    path = nuclei.write_geojson(collection, tmp_path / "nuclei.geojson")
+    assert qupath.to_geojson(inst)["features"][1]["properties"]["measurements"] == {"area": 2}
+    assert qupath.to_geojson(inst)["features"][1]["properties"]["classification"]["name"] == "Nucleus"
+    path = qupath.write_geojson(collection, tmp_path / "nuclei.geojson")
     with open(path, encoding="utf-8") as f:
         assert json.load(f) == json.loads(json.dumps(collection))
 
@@ -157,9 +157,9 @@ def test_round_trip_on_holes_corners_single_pixels_and_borders():
     assert [10, 8] in exterior and [10, 8] in hole and len(exterior) == 7 and len(hole) == 5
     pixel = np.zeros((1, 1), np.int32)
     pixel[0, 0] = 1
-    assert nuclei.instance_polygons(pixel) == {1: [[[[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]]]]}
+    assert qupath.instance_polygons(pixel) == {1: [[[[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]]]]}
     checker = (np.indices((6, 6)).sum(0) % 2).astype(np.int32) * 3  # one id, 18 corner-touching pixels
-    assert len(nuclei.instance_polygons(checker)[3]) == 18
+    assert len(qupath.instance_polygons(checker)[3]) == 18
     _round_trip(checker)
 
 
@@ -186,6 +186,6 @@ def test_bad_inputs_raise_value_error():
     with pytest.raises(ValueError, match="shape"):
         nuclei.nuclei_table(np.zeros((4, 4), np.int32), np.zeros((4, 5)))
     with pytest.raises(ValueError, match="color"):
-        nuclei.to_geojson(np.ones((2, 2), np.int32), color=(300, 0, 0))
+        qupath.to_geojson(np.ones((2, 2), np.int32), color=(300, 0, 0))
     with pytest.raises(ValueError, match="negative instance id"):
         nuclei.counts(np.full((2, 2), -1))

@@ -12,7 +12,7 @@ from PIL import Image
 
 from bundle.checkpoints import build_network
 from bundle.export import write_bundle
-from bundle.nuclei import rasterise_geojson
+from bundle.qupath import rasterise_geojson
 from bundle.nuclei_outputs import NucleiInstancesd
 from conftest import REPO
 
