@@ -32,21 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import yaml
 
-from bundle.experiments import (  # noqa: E402,F401  (the library; final_epoch ... are its names, re-exported)
-    REPO,
-    SETS,
-    experiment_meta,
-    final_epoch,
-    heatmaps,
-    label_swept_key,
-    max_epochs_of,
-    one,
-    overlay_paths,
-    paired_differences,
-    table,
-    task_configs,
-    validation_dice,
-)
+from bundle.experiment_tables import heatmaps, table
+from bundle.experiments import REPO, SETS, experiment_meta, label_swept_key, max_epochs_of, one, overlay_paths, task_configs
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

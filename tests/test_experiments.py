@@ -9,6 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bundle.experiment_tables import paired_differences, table
+from bundle.experiments import experiment_meta, final_epoch, validation_dice
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "run_experiments.py"
 spec = importlib.util.spec_from_file_location("run_experiments", SCRIPT)
@@ -37,7 +40,7 @@ def test_table_reports_mean_and_sample_sd_over_seeds_and_per_class_cells():
     rows = [{"name": "sup", "label": "Supervised"}, {"name": "zs", "label": "Zero-shot"}]
     results = {("sup", "T2"): [_summary(0.5, 0.4, {"a": 0.2}), _summary(0.7, 0.6, {"a": 0.4})],
                ("zs", "T2"): [_summary(0.1, None, {"a": 0.05})]}
-    text = rx.table(rows, ["T2"], results, "t", [])
+    text = table(rows, ["T2"], results, "t", [])
     sup = next(ln for ln in text.splitlines() if ln.startswith("| Supervised (n=2)"))
     assert "0.600 ± 0.141" in sup and "0.300 ± 0.071" in sup and "0.700 ± 0.141" in sup and "0.500 ± 0.141" in sup
     assert "| Zero-shot (n=1) | 0.100 | 0.050 | 0.200 | - |" in text
@@ -55,7 +58,7 @@ def test_table_reports_nuclei_metrics_per_method_class_and_stratum():
     rows = [{"name": "sup", "label": "Supervised"}, {"name": "dis", "label": "SAMPO"}]
     results = {("sup", "T2"): [_nuclei_summary(0.3, 0.5, {"a": 0.2}), _nuclei_summary(0.5, 0.7, {"a": 0.4})],
                ("dis", "T2"): [_nuclei_summary(0.6, 0.8, {"a": 0.6})]}
-    text = rx.table(rows, ["T2"], results, "t", [])
+    text = table(rows, ["T2"], results, "t", [])
     block = text[text.index("Nuclei, T2"):]
     assert "| Method | PQ | DQ | SQ | AJI | F1 | count rel. error | F1 pooled |" in block
     # PQ 0.4 ± 0.141, DQ 0.5 ± 0.141, SQ 0.8 ± 0, AJI 0.3 ± 0.141, F1 0.6 ± 0.141, count 0.25 ± 0, pooled 0.6 ± 0.141
@@ -65,7 +68,7 @@ def test_table_reports_nuclei_metrics_per_method_class_and_stratum():
     assert "PQ per class, T2:" in block and "| Supervised | 0.300 ± 0.141 |" in block and "| SAMPO | 0.600 |" in block
     assert "PQ per density stratum, T2:" in block
     # summaries without nuclei metrics (the organ task, older evaluations): no nuclei section
-    assert "Nuclei" not in rx.table(rows, ["T2"], {("sup", "T2"): [_summary(0.5)]}, "t", [])
+    assert "Nuclei" not in table(rows, ["T2"], {("sup", "T2"): [_summary(0.5)]}, "t", [])
 
 
 def test_reevaluate_evaluates_finished_runs_and_never_trains(tmp_path):
@@ -97,8 +100,8 @@ def test_validation_dice_is_the_last_epoch_logged(tmp_path):
     client.log_metric(train, "train_loss", 9.0, step=4)
     evaluation = client.create_run(client.create_experiment("evaluation"), run_name="eval").info.run_id
     client.log_metric(evaluation, "dice", 0.9, step=9)
-    assert rx.validation_dice(str(tmp_path)) == pytest.approx(0.6)
-    assert rx.validation_dice(str(tmp_path / "missing")) is None
+    assert validation_dice(str(tmp_path)) == pytest.approx(0.6)
+    assert validation_dice(str(tmp_path / "missing")) is None
 
 
 def test_bad_jobs_and_a_root_inside_the_repository_are_refused(tmp_path):
@@ -150,7 +153,7 @@ def test_sweep_rows_name_the_value_they_took_from_train_yaml():
     defaults = {"beta": 0.1, "lambda_dw": 1.0, "n_prompt_sets": 4}
 
     def rows(*names):
-        return [rx.experiment_meta(n) for n in names]
+        return [experiment_meta(n) for n in names]
 
     beta = rows("supervised", "sampo", "beta_1")
     rx.label_swept_key(beta, "beta", defaults)
@@ -176,11 +179,11 @@ def test_paired_differences_pair_runs_by_seed_and_count_the_seeds_where_higher()
     results = {("supervised", "T1"): [run(0, 0.40), run(1, 0.50), run(2, 0.60)],
                ("sampo", "T1"): [run(2, 0.61), run(0, 0.38), run(1, 0.47)],  # out of order: paired by seed
                ("zs", "T1"): [run(0, 0.02)]}
-    lines = rx.paired_differences(rows, ["T1"], results)
+    lines = paired_differences(rows, ["T1"], results)
     assert "| SAMPO | -0.013 ± 0.021 (1/3) |" in lines  # -0.02, -0.03, +0.01
     assert "| ZS | - |" not in lines and not any(ln.startswith("| ZS") for ln in lines)  # one seed: no spread
-    assert rx.paired_differences(rows[1:], ["T1"], results) == []  # no reference row
-    assert "Dice minus SUP of the same seed" in rx.table(rows, ["T1"], results, "t", [])
+    assert paired_differences(rows[1:], ["T1"], results) == []  # no reference row
+    assert "Dice minus SUP of the same seed" in table(rows, ["T1"], results, "t", [])
 
 
 @pytest.mark.parametrize("override, final", [(None, 18), ("stage2_epochs=4", 10), ("stage2_epochs=$3 * @max_epochs", 24)])
@@ -189,5 +192,5 @@ def test_the_final_epoch_of_a_two_stage_run_is_evaluated_from_its_configs(overri
     method ends at max_epochs."""
     argv = ["--bundle_root_base", "/tmp/runs", "--max_epochs", "6"] + (["--override", override] if override else [])
     args = rx.parse_args(argv)
-    assert rx.final_epoch(args, rx.experiment_meta("va_aligned_10")) == final
-    assert rx.final_epoch(args, rx.experiment_meta("sampo")) == 6
+    assert final_epoch(args, experiment_meta("va_aligned_10")) == final
+    assert final_epoch(args, experiment_meta("sampo")) == 6
