@@ -8,6 +8,7 @@ epoch evaluated from the run's configs by MONAI's ConfigParser. The tables are :
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import subprocess
@@ -17,6 +18,8 @@ import time
 import yaml
 
 from bundle.tracking import sqlite_uri
+
+logger = logging.getLogger(__name__)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(REPO, "configs", "experiments")
@@ -146,14 +149,14 @@ def _overrides(args) -> list[str]:
 
 def run(cmd: list[str], log: str, env: dict, dry_run: bool) -> None:
     line = " ".join(shlex.quote(c) for c in cmd)
-    print(f"$ {line}", flush=True)
+    logger.info("$ %s", line)
     if dry_run:
         return
     os.makedirs(os.path.dirname(log), exist_ok=True)
     start = time.time()
     with open(log, "w", encoding="utf-8") as f:
         proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
-    print(f"  -> rc {proc.returncode} in {time.time() - start:.0f} s (log: {log})", flush=True)
+    logger.info("  -> rc %d in %.0f s (log: %s)", proc.returncode, time.time() - start, log)
     if proc.returncode != 0:
         with open(log, encoding="utf-8") as f:
             tail = f.read()[-3000:]

@@ -25,6 +25,7 @@ every method's grid averaged over its seeds.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import sys
@@ -79,6 +80,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # the commands and their return codes (bundle.experiments.run) on stdout, one line each
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
     row_names, col_names = SETS[args.set]
     methods = [experiment_meta(n) for n in (args.configs or row_names)]
     with open(os.path.join(REPO, "configs", "train.yaml"), encoding="utf-8") as f:

@@ -15,6 +15,7 @@ Images without any nucleus are skipped and counted.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -26,6 +27,8 @@ from bundle.transforms.checks import check_finite
 
 from .instances import relabel_sequential
 from .writer import DatasetWriter, check_output
+
+logger = logging.getLogger(__name__)
 
 CLASSES = {1: "neoplastic", 2: "inflammatory", 3: "connective", 4: "dead", 5: "epithelial"}
 TISSUES = (
@@ -168,6 +171,7 @@ def prepare_pannuke(
                     image = to_uint8_rgb(images[i], f"{fold_dirs[fold]} images.npy[{i}]")
                     writer.add(split, stem, image, label, source=stem, tissue=str(types[i]), n_nuclei=n, fold=fold)
         if overlap_pixels:
-            print(f"PanNuke: {overlap_pixels} pixels were claimed by two class channels; the first channel kept them")
+            logger.warning("PanNuke: %d pixels were claimed by two class channels; the first channel kept them",
+                           overlap_pixels)
         info = {"folds": {k: list(v) for k, v in roles.items()}, "overlap_pixels": overlap_pixels}
         return writer.finish(seed, info)

@@ -141,6 +141,5 @@ def _ensure_dataset(out_dir: str, n_train: int, n_val: int, n_test: int, size: i
         with open(path, encoding="utf-8") as f:
             if json.load(f).get("generator") == wanted:
                 return path
-    logger.info("generating the embedded synthetic H&E dataset in %s", out_dir)
-    print(f"Generating the embedded synthetic H&E dataset ({n_train}/{n_val}/{n_test} tiles) in {out_dir}")
+    logger.info("generating the embedded synthetic H&E dataset (%d/%d/%d tiles) in %s", n_train, n_val, n_test, out_dir)
     return make_dataset(out_dir, n_train, n_val, n_test, size, seed)
