@@ -53,15 +53,7 @@ def table(rows: list[dict], columns: list[str], results: dict, title: str, notes
     lines.append("| *(reference) whole image predicted as target* | " + " | ".join(cells) + " |")
     for section, what in (("per_class", "class (T2: mean over (image, class) items)"), ("per_stratum", "density stratum")):
         for c in columns:
-            groups = sorted({g for m in rows for s in results.get((m["name"], c), []) for g in (s.get(section) or {})})
-            if not groups:
-                continue
-            lines += ["", f"Dice per {what}, {c}:", "", "| Method | " + " | ".join(groups) + " |",
-                      "|---" * (1 + len(groups)) + "|"]
-            for m in rows:
-                runs = results.get((m["name"], c), [])
-                lines.append(f"| {m['label']} | " + " | ".join(_stat([_get(s, section, g, "dice") for s in runs])
-                                                            for g in groups) + " |")
+            lines += group_table(rows, results, c, section, "dice", f"Dice per {what}, {c}:")
     lines += nuclei_table(rows, columns, results)
     return "\n".join(lines + paired_differences(rows, columns, results) + [""] + notes) + "\n"
 
@@ -87,16 +79,22 @@ def nuclei_table(rows: list[dict], columns: list[str], results: dict) -> list[st
             cells.append(_stat([_get(s, "overall", "nuclei_pooled", "f1") for s in runs]))
             out.append(f"| {m['label']} | " + " | ".join(cells) + " |")
         for section, what in (("per_class", "class"), ("per_stratum", "density stratum")):
-            groups = sorted({g for m in rows for s in results.get((m["name"], c), [])
-                             for g, v in (s.get(section) or {}).items() if "pq" in v})
-            if not groups:
-                continue
-            out += ["", f"PQ per {what}, {c}:", "", "| Method | " + " | ".join(groups) + " |",
-                    "|---" * (1 + len(groups)) + "|"]
-            for m in rows:
-                runs = results.get((m["name"], c), [])
-                out.append(f"| {m['label']} | " + " | ".join(_stat([_get(s, section, g, "pq") for s in runs])
-                                                          for g in groups) + " |")
+            out += group_table(rows, results, c, section, "pq", f"PQ per {what}, {c}:")
+    return out
+
+
+def group_table(rows: list[dict], results: dict, column: str, section: str, metric: str, title: str) -> list[str]:
+    """Markdown lines: ``metric`` (mean ± sd over seeds) of each row in every group of ``section`` (``per_class``,
+    ``per_stratum``) that has it in ``column``; no lines when no group does."""
+    groups = sorted({g for m in rows for s in results.get((m["name"], column), [])
+                     for g, v in (s.get(section) or {}).items() if metric in v})
+    if not groups:
+        return []
+    out = ["", title, "", "| Method | " + " | ".join(groups) + " |", "|---" * (1 + len(groups)) + "|"]
+    for m in rows:
+        runs = results.get((m["name"], column), [])
+        out.append(f"| {m['label']} | " + " | ".join(_stat([_get(s, section, g, metric) for s in runs])
+                                                  for g in groups) + " |")
     return out
 
 
